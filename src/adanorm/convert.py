@@ -1,0 +1,203 @@
+"""Swap every LayerNorm of an existing model for a variant of the family.
+
+The authors' released translation code reaches only 2 of the 32 LayerNorms of its Transformer;
+:func:`convert_norms` reaches all of them, in any ``nn.Module``.  Convert before wrapping the model
+in DDP/FSDP, before ``torch.compile`` and before building the optimizer: replaced modules hold new
+parameter tensors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .modules import NormBase, NoNorm
+from .registry import NormSpec, get_norm
+
+__all__ = ["convert_norms", "ConvertedNorm"]
+
+NameFilter = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+# Hook dictionaries are moved, not copied, so that handles the user holds keep working.
+_HOOK_ATTRIBUTES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+class ConvertedNorm(NamedTuple):
+    """One converted (or, with ``dry_run``, convertible) module."""
+
+    name: str
+    old_type: str
+    new_type: str
+    action: str  # "replaced", "unchanged" or "dry-run"
+
+
+def _type_name(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, NormBase, NoNorm))
+
+
+def _matches(name: str, module: nn.Module, pattern: NameFilter) -> bool:
+    if pattern is None:
+        return False
+    if callable(pattern):
+        return bool(pattern(name, module))
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if not tensors:
+        return {}
+    return {"device": tensors[0].device, "dtype": tensors[0].dtype}
+
+
+def _build_replacement(old: nn.Module, factory: Callable[..., nn.Module], kwargs: dict) -> nn.Module:
+    build_kwargs = dict(_factory_kwargs(old))
+    if "eps" not in kwargs and hasattr(old, "eps"):
+        build_kwargs["eps"] = old.eps
+    build_kwargs.update(kwargs)
+    new = factory(tuple(old.normalized_shape), **build_kwargs)
+    with torch.no_grad():
+        for attr in ("weight", "bias"):
+            old_p = getattr(old, attr, None)
+            new_p = getattr(new, attr, None)
+            if isinstance(new_p, nn.Parameter) and isinstance(old_p, torch.Tensor):
+                if not new_p.is_meta:
+                    new_p.copy_(old_p)
+                new_p.requires_grad_(old_p.requires_grad)
+    return new
+
+
+def _dropped_affine(old: nn.Module, new: nn.Module) -> list[str]:
+    """Names of non-identity gain/bias tensors of ``old`` that ``new`` has no place for."""
+    dropped = []
+    for attr, identity in (("weight", 1.0), ("bias", 0.0)):
+        old_p = getattr(old, attr, None)
+        if not isinstance(old_p, torch.Tensor) or isinstance(getattr(new, attr, None), nn.Parameter):
+            continue
+        if old_p.is_meta or not bool(torch.all(old_p == identity)):
+            dropped.append("gain" if attr == "weight" else "bias")
+    return dropped
+
+
+def _same_config(old: nn.Module, new: nn.Module) -> bool:
+    return type(old) is type(new) and old.extra_repr() == new.extra_repr()
+
+
+def convert_norms(
+    model: nn.Module,
+    to: NormSpec,
+    *,
+    include: NameFilter = None,
+    exclude: NameFilter = None,
+    dry_run: bool = False,
+    **kwargs: Any,
+) -> list[ConvertedNorm]:
+    """Replace, in place, every ``nn.LayerNorm`` (subclasses included) and every adanorm norm of
+    ``model`` by the norm ``to`` (a registered name, a class or a ``functools.partial``).
+
+    The replacement keeps the full ``normalized_shape``, ``eps`` (unless given in ``kwargs``),
+    device, dtype, the gain/bias values and ``requires_grad`` when the target has them, the
+    ``training`` flag and all hooks.  A module shared by several parents stays one shared module.
+    Modules already equal to the target are left alone, so converting twice changes nothing.
+
+    Args:
+        model: the model to convert (its root may not itself be a norm).
+        to: the target norm.
+        include: glob pattern(s) on qualified module names, or ``fn(name, module) -> bool``; when
+            given, only matching norms are converted.
+        exclude: the same, for norms to keep.
+        dry_run: report what would change without changing anything.
+        **kwargs: constructor arguments of the target, e.g. ``scale=2`` for AdaNorm.
+
+    Returns:
+        one :class:`ConvertedNorm` row per converted module (a shared module once, under its
+        first qualified name).
+
+    Warns:
+        UserWarning when a non-identity gain or bias is dropped (the function changes), and when
+        a subclass with its own ``forward`` (e.g. a channels-first LayerNorm2d) is replaced.
+    """
+    if _is_norm(model):
+        raise ValueError(
+            f"convert_norms replaces norms inside a model; the model itself is a "
+            f"{type(model).__name__}: build the target with adanorm.make_norm instead"
+        )
+    factory = get_norm(to)
+
+    # Every (parent, attribute) slot a norm occupies, shared instances included.
+    slots: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    first_seen: dict[int, nn.Module] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent.named_children():
+            if not _is_norm(child):
+                continue
+            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            slots.setdefault(id(child), []).append((parent, child_name, qualified))
+            first_seen.setdefault(id(child), child)
+
+    rows: list[ConvertedNorm] = []
+    for key, old in first_seen.items():
+        places = slots[key]
+        name = places[0][2]
+        if include is not None and not any(_matches(q, old, include) for _, _, q in places):
+            continue
+        if any(_matches(q, old, exclude) for _, _, q in places):
+            continue
+        new = _build_replacement(old, factory, kwargs)
+        if _same_config(old, new):
+            rows.append(ConvertedNorm(name, _type_name(old), _type_name(new), "unchanged"))
+            continue
+        rows.append(
+            ConvertedNorm(name, _type_name(old), _type_name(new), "dry-run" if dry_run else "replaced")
+        )
+        if dry_run:
+            continue
+        dropped = _dropped_affine(old, new)
+        if dropped:
+            warnings.warn(
+                f"convert_norms: {name} has a trained {' and '.join(dropped)} that "
+                f"{type(new).__name__} has no place for; they are dropped, which changes the "
+                f"model's function (fine-tune after converting)",
+                stacklevel=2,
+            )
+        if (
+            isinstance(old, nn.LayerNorm)
+            and type(old).forward is not nn.LayerNorm.forward
+        ):
+            warnings.warn(
+                f"convert_norms: {name} is a {type(old).__name__}, a LayerNorm subclass with its "
+                f"own forward; the replacement normalizes the trailing {old.normalized_shape} "
+                f"dimensions of its input and does not repeat that forward's extra steps",
+                stacklevel=2,
+            )
+        new.train(old.training)
+        for attr in _HOOK_ATTRIBUTES:
+            if hasattr(old, attr) and hasattr(new, attr):
+                setattr(new, attr, getattr(old, attr))
+        for parent, child_name, _ in places:
+            setattr(parent, child_name, new)
+    return rows
+
