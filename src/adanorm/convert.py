@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .modules import NormBase, NoNorm
+from .modules import NoNorm, NormBase
 from .registry import NormSpec, get_norm
 
 __all__ = ["convert_norms", "ConvertedNorm"]
@@ -73,7 +73,9 @@ def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
     return {"device": tensors[0].device, "dtype": tensors[0].dtype}
 
 
-def _build_replacement(old: nn.Module, factory: Callable[..., nn.Module], kwargs: dict) -> nn.Module:
+def _build_replacement(
+    old: nn.Module, factory: Callable[..., nn.Module], kwargs: dict
+) -> nn.Module:
     build_kwargs = dict(_factory_kwargs(old))
     if "eps" not in kwargs and hasattr(old, "eps"):
         build_kwargs["eps"] = old.eps
@@ -95,7 +97,9 @@ def _dropped_affine(old: nn.Module, new: nn.Module) -> list[str]:
     dropped = []
     for attr, identity in (("weight", 1.0), ("bias", 0.0)):
         old_p = getattr(old, attr, None)
-        if not isinstance(old_p, torch.Tensor) or isinstance(getattr(new, attr, None), nn.Parameter):
+        if not isinstance(old_p, torch.Tensor) or isinstance(
+            getattr(new, attr, None), nn.Parameter
+        ):
             continue
         if old_p.is_meta or not bool(torch.all(old_p == identity)):
             dropped.append("gain" if attr == "weight" else "bias")
@@ -158,10 +162,15 @@ def convert_norms(
             slots.setdefault(id(child), []).append((parent, child_name, qualified))
             first_seen.setdefault(id(child), child)
 
+    # Report in the model's own (depth-first) order rather than by parent.
+    order = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    keys = sorted(first_seen, key=lambda key: min(order[q] for _, _, q in slots[key]))
+
     rows: list[ConvertedNorm] = []
-    for key, old in first_seen.items():
+    for key in keys:
+        old = first_seen[key]
         places = slots[key]
-        name = places[0][2]
+        name = min((q for _, _, q in places), key=order.__getitem__)
         if include is not None and not any(_matches(q, old, include) for _, _, q in places):
             continue
         if any(_matches(q, old, exclude) for _, _, q in places):
@@ -171,7 +180,9 @@ def convert_norms(
             rows.append(ConvertedNorm(name, _type_name(old), _type_name(new), "unchanged"))
             continue
         rows.append(
-            ConvertedNorm(name, _type_name(old), _type_name(new), "dry-run" if dry_run else "replaced")
+            ConvertedNorm(
+                name, _type_name(old), _type_name(new), "dry-run" if dry_run else "replaced"
+            )
         )
         if dry_run:
             continue
@@ -183,10 +194,7 @@ def convert_norms(
                 f"model's function (fine-tune after converting)",
                 stacklevel=2,
             )
-        if (
-            isinstance(old, nn.LayerNorm)
-            and type(old).forward is not nn.LayerNorm.forward
-        ):
+        if isinstance(old, nn.LayerNorm) and type(old).forward is not nn.LayerNorm.forward:
             warnings.warn(
                 f"convert_norms: {name} is a {type(old).__name__}, a LayerNorm subclass with its "
                 f"own forward; the replacement normalizes the trailing {old.normalized_shape} "
@@ -200,4 +208,3 @@ def convert_norms(
         for parent, child_name, _ in places:
             setattr(parent, child_name, new)
     return rows
-

@@ -19,7 +19,8 @@ upstream gradient :math:`g'` (``g`` itself, ``w * g`` for the affine LayerNorm, 
         - [\rho\, y\, \text{mean}(g' \odot y)]\Big)
 
 where the first bracket is dropped when the mean is detached, the second when the standard
-deviation is detached, and :math:`\rho = 1` in biased mode (:math:`\rho = \frac{H}{H-1}\frac{\sigma}{s}`
+deviation is detached, and :math:`\rho = 1` in biased mode
+(:math:`\rho = \frac{H}{H-1}\frac{\sigma}{s}`
 in unbiased mode).  Only the input (not even that for DetachNorm) and per-row statistics are kept
 for backward; no activation-sized temporary is saved.
 
@@ -36,6 +37,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import _kernels
 
 __all__ = [
     "layer_norm",
@@ -168,7 +171,7 @@ class _NormFunction(torch.autograd.Function):
             x2d if full_backward else None,
             mean if full_backward else None,
             rstd,
-            rho,
+            None if detach_std else rho,
             weight,
         )
         ctx.flags = (detach_mean, detach_std, scale, k, bias is not None)
@@ -208,6 +211,39 @@ class _NormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+_FAST_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _fast_kernel_norm(
+    x2d: Tensor,
+    eps: float,
+    unbiased: bool,
+    detach_mean: bool,
+    detach_std: bool,
+    scale: float | None,
+    k: float,
+) -> Tensor | None:
+    """The parameter-free variants through the fused kernels of :mod:`adanorm._kernels`, or None
+    where they do not apply (float64, affine, other devices, extension disabled or unavailable):
+    then ``_NormFunction`` below, the pure-PyTorch reference path, runs instead."""
+    if x2d.dtype not in _FAST_KERNEL_DTYPES:
+        return None
+    if x2d.device.type == "cpu":
+        # While tracing (torch.compile / export) only look at whether the library is loaded: a
+        # first-use build must not happen inside a graph.
+        if torch.compiler.is_compiling():
+            ready = _kernels.cpu_kernels_loaded()
+        else:
+            ready = _kernels.cpu_kernels_ready()
+        if ready:
+            return torch.ops.adanorm.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
+    elif x2d.device.type == "cuda" and _kernels.cuda_kernels_ready():
+        return torch.ops.adanorm_triton.norm(
+            x2d, eps, unbiased, detach_mean, detach_std, scale, k
+        )
+    return None
+
+
 def normalize(
     input: Tensor,
     normalized_shape: ShapeLike,
@@ -239,9 +275,7 @@ def normalize(
             f"std_mode='unbiased' needs at least 2 normalized elements, got normalized_shape "
             f"{list(shape)}"
         )
-    simple_native = (
-        not unbiased and not detach_mean and not detach_std and scale is None
-    )
+    simple_native = not unbiased and not detach_mean and not detach_std and scale is None
     if simple_native:
         # The native kernel is exact, fast and already computes statistics in fp32 for half
         # inputs: LayerNorm and LayerNorm-simple in the default convention are just F.layer_norm.
@@ -251,11 +285,25 @@ def normalize(
         return F.layer_norm(input, shape, weight, bias, eps)
 
     x2d = input.reshape(-1, width)
+    if weight is None and bias is None:
+        fast = _fast_kernel_norm(
+            x2d, float(eps), unbiased, bool(detach_mean), bool(detach_std),
+            None if scale is None else float(scale), float(k),
+        )
+        if fast is not None:
+            return fast.view(input.shape)
     w = weight.reshape(width) if weight is not None else None
     b = bias.reshape(width) if bias is not None else None
     out = _NormFunction.apply(
-        x2d, w, b, float(eps), unbiased, bool(detach_mean), bool(detach_std),
-        None if scale is None else float(scale), float(k),
+        x2d,
+        w,
+        b,
+        float(eps),
+        unbiased,
+        bool(detach_mean),
+        bool(detach_std),
+        None if scale is None else float(scale),
+        float(k),
     )
     return out.view(input.shape)
 
@@ -296,8 +344,14 @@ def detach_norm(
     r"""DetachNorm: the forward of LayerNorm-simple with :math:`\mu` and/or :math:`\sigma` held
     constant in backward.  With both detached, :math:`\partial\ell/\partial x = g/\sigma`."""
     return normalize(
-        input, normalized_shape, None, None, eps,
-        std_mode=std_mode, detach_mean=detach_mean, detach_std=detach_std,
+        input,
+        normalized_shape,
+        None,
+        None,
+        eps,
+        std_mode=std_mode,
+        detach_mean=detach_mean,
+        detach_std=detach_std,
     )
 
 

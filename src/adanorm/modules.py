@@ -55,7 +55,9 @@ class NormBase(nn.Module):
     eps: float
     std_mode: str
 
-    def __init__(self, normalized_shape: ShapeLike, eps: float = 1e-5, std_mode: StdMode = "biased"):
+    def __init__(
+        self, normalized_shape: ShapeLike, eps: float = 1e-5, std_mode: StdMode = "biased"
+    ):
         super().__init__()
         self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = _check_eps(eps)
@@ -125,7 +127,10 @@ class LayerNorm(NormBase):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", elementwise_affine={self.elementwise_affine}"
+        return (
+            super().extra_repr()
+            + f", elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}"
+        )
 
 
 class LayerNormSimple(NormBase):
@@ -154,7 +159,8 @@ class DetachNorm(NormBase):
     r"""DetachNorm: the forward of LayerNorm-simple, with :math:`\mu` and :math:`\sigma` treated as
     constants in backward (the paper's "copy function" :math:`\theta`).
 
-    With both flags on (the paper's DetachNorm) :math:`\partial\ell/\partial x = g/\sigma`.  One flag
+    With both flags on (the paper's DetachNorm) :math:`\partial\ell/\partial x = g/\sigma`.
+    One flag
     alone gives the paper's detach-mean-only or detach-std-only ablation (Theorem 1 (2), (3)).
     """
 
@@ -177,14 +183,17 @@ class DetachNorm(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         return AF.detach_norm(
-            input, self.normalized_shape, self.eps, std_mode=self.std_mode,
-            detach_mean=self.detach_mean, detach_std=self.detach_std,
+            input,
+            self.normalized_shape,
+            self.eps,
+            std_mode=self.std_mode,
+            detach_mean=self.detach_mean,
+            detach_std=self.detach_std,
         )
 
     def extra_repr(self) -> str:
         return (
-            super().extra_repr()
-            + f", detach_mean={self.detach_mean}, detach_std={self.detach_std}"
+            super().extra_repr() + f", detach_mean={self.detach_mean}, detach_std={self.detach_std}"
         )
 
 
@@ -229,7 +238,11 @@ class AdaNorm(NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         return AF.ada_norm(
-            input, self.normalized_shape, self.eps, scale=self.scale, k=self.k,
+            input,
+            self.normalized_shape,
+            self.eps,
+            scale=self.scale,
+            k=self.k,
             std_mode=self.std_mode,
         )
 
@@ -238,7 +251,7 @@ class AdaNorm(NormBase):
 
 
 class NoNorm(nn.Module):
-    """"w/o Norm": the identity.  Takes (and checks) the same arguments as the other norms so that
+    """ "w/o Norm": the identity.  Takes (and checks) the same arguments as the other norms so that
     it can fill any norm slot; has no parameters."""
 
     __constants__ = ["normalized_shape"]

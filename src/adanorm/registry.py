@@ -68,9 +68,7 @@ def get_norm(spec: NormSpec, **kwargs: Any) -> NormFactory:
         key = spec.lower()
         key = _ALIASES.get(key, key)
         if key not in _REGISTRY:
-            raise ValueError(
-                f"unknown norm {spec!r}; known norms: {', '.join(available_norms())}"
-            )
+            raise ValueError(f"unknown norm {spec!r}; known norms: {', '.join(available_norms())}")
         factory: NormFactory = _REGISTRY[key]
     elif isinstance(spec, functools.partial) or inspect.isclass(spec) or callable(spec):
         factory = spec
@@ -80,12 +78,17 @@ def get_norm(spec: NormSpec, **kwargs: Any) -> NormFactory:
         )
     if kwargs:
         if isinstance(factory, functools.partial):
-            factory = functools.partial(factory.func, *factory.args, **{**factory.keywords, **kwargs})
+            factory = functools.partial(
+                factory.func, *factory.args, **{**factory.keywords, **kwargs}
+            )
         else:
             factory = functools.partial(factory, **kwargs)
     return factory
 
 
 def make_norm(spec: NormSpec, normalized_shape: ShapeLike, **kwargs: Any) -> nn.Module:
-    """Build the norm ``spec`` over ``normalized_shape``, e.g. ``make_norm("adanorm", 512, scale=2)``."""
+    """Build the norm ``spec`` over ``normalized_shape``.
+
+    Example: ``make_norm("adanorm", 512, scale=2.0)``.
+    """
     return get_norm(spec, **kwargs)(normalized_shape)
