@@ -1,0 +1,101 @@
+"""Loss curves from ``metrics.jsonl`` files, in the style of the paper's figures: a train-loss
+panel and a valid-loss panel side by side, one line per norm (the mean over seeds, with a band
+from the lowest to the highest seed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["read_metrics", "plot_loss_curves", "NORM_COLORS"]
+
+NORM_COLORS = {
+    "layernorm": "#1f77b4",
+    "layernorm-simple": "#2ca02c",
+    "none": "#7f7f7f",
+    "detachnorm": "#9467bd",
+    "detach-mean": "#8c564b",
+    "detach-std": "#e377c2",
+    "adanorm": "#d62728",
+}
+NORM_NAMES = {
+    "layernorm": "LayerNorm",
+    "layernorm-simple": "LayerNorm-simple",
+    "none": "w/o Norm",
+    "detachnorm": "DetachNorm",
+    "detach-mean": "detach-mean",
+    "detach-std": "detach-std",
+    "adanorm": "AdaNorm",
+}
+
+
+def display_name(label: str) -> str:
+    base, _, rest = label.partition("(")
+    return NORM_NAMES.get(base, base) + (f" ({rest}" if rest else "")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def _curve(runs: Sequence[Sequence[dict]], split: str) -> tuple[list[int], list[list[float]]]:
+    """Steps present in every run, and the loss of each run at those steps."""
+    per_run = [
+        {r["step"]: r["loss"] for r in records if r.get("split") == split} for records in runs
+    ]
+    steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
+    return steps, [[c[s] for s in steps] for c in per_run]
+
+
+def plot_loss_curves(
+    runs_by_norm: Mapping[str, Sequence[Sequence[dict]]], path: Path, title: str
+) -> Path:
+    """Write a PNG with train and valid loss per norm; ``runs_by_norm[label]`` holds the
+    ``metrics.jsonl`` records of each seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for ax, split, name in ((axes[0], "train", "train loss"), (axes[1], "valid", "valid loss")):
+        for label, runs in runs_by_norm.items():
+            steps, values = _curve(runs, split)
+            if not steps:
+                continue
+            arr = np.asarray(values, dtype=float)
+            color = NORM_COLORS.get(label.partition("(")[0])
+            ax.plot(
+                steps,
+                arr.mean(0),
+                label=f"{display_name(label)} (n={len(runs)})",
+                color=color,
+                lw=1.6,
+                marker="o" if len(steps) <= 12 else None,
+                ms=3,
+            )
+            if len(runs) > 1:
+                ax.fill_between(steps, arr.min(0), arr.max(0), color=color, alpha=0.15, lw=0)
+        ax.set_xlabel("optimizer updates")
+        ax.set_ylabel(name)
+        ax.set_title(f"{title}: {name}")
+        ax.grid(True, alpha=0.3)
+        ax.set_yscale("log")  # late differences between norms are invisible on a linear axis
+    handles, labels = axes[1].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[0].get_legend_handles_labels()
+    axes[1].legend(handles, labels, fontsize=8, frameon=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

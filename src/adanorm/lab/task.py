@@ -1,0 +1,217 @@
+"""The Task interface: everything that differs between experiments, and nothing else.
+
+A task (in the spirit of fairseq's ``FairseqTask``) owns
+
+* the data: :meth:`Task.dataset` builds the ``train``/``valid``/``test`` splits of the dataset named
+  by ``cfg["data"]["name"]`` (a task may serve several datasets, e.g. text classification on
+  ``rt`` and ``sst5``), and :meth:`Task.collate` turns a list of examples into a batch;
+* the model: :meth:`Task.build_model`, whose norms come *only* from :func:`adanorm.make_norm`
+  with ``cfg["model"]["norm"]`` and ``cfg["model"]["norm_kwargs"]`` (use :meth:`Task.make_norm`);
+* the criterion: :meth:`Task.loss` returns the loss to back-propagate for a batch, plus additive
+  statistics (sums and counts) from which metrics are computed;
+* the metrics: :meth:`Task.metrics` turns summed statistics into metrics.  The class attributes
+  :attr:`Task.valid_metric` / :attr:`Task.valid_mode` choose the best checkpoint and drive early
+  stopping; :attr:`Task.test_metric` is the number reported in tables.
+
+Statistics are *sums* so that the generic :class:`~adanorm.lab.trainer.Trainer` can add them over
+batches, over gradient-accumulation micro-batches and over DDP processes, and get exact metrics.  A
+task whose evaluation is not a sum over batches (e.g. corpus BLEU with beam search) overrides
+:meth:`Task.evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+import adanorm
+
+__all__ = [
+    "Task",
+    "Stats",
+    "register_task",
+    "get_task",
+    "available_tasks",
+    "ClassificationTask",
+    "TensorDataset",
+    "stack_batch",
+]
+
+Stats = dict[str, float]
+Split = Literal["train", "valid", "test"]
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: ``@register_task("mnist") class MnistTask(Task): ...``."""
+
+    def decorator(cls: type[Task]) -> type[Task]:
+        if name in _TASKS and _TASKS[name] is not cls:
+            raise ValueError(f"a task named {name!r} is already registered ({_TASKS[name]})")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return decorator
+
+
+def _load_builtin_tasks() -> None:
+    from . import tasks  # noqa: F401  (importing registers the built-in tasks)
+
+
+def available_tasks() -> list[str]:
+    _load_builtin_tasks()
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> type[Task]:
+    _load_builtin_tasks()
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+class Task:
+    """Base class of all tasks; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    #: The datasets this task can serve (values of ``cfg["data"]["name"]``).
+    datasets: ClassVar[tuple[str, ...]] = ()
+    #: The validation metric that selects the best checkpoint, and whether higher is better.
+    valid_metric: ClassVar[str] = "loss"
+    valid_mode: ClassVar[Literal["min", "max"]] = "min"
+    #: The test metric reported in tables and compared with the paper.
+    test_metric: ClassVar[str] = "loss"
+    #: How the test metric is labelled in tables ("accuracy (%)", "BLEU", "BPC").
+    test_metric_label: ClassVar[str] = "loss"
+
+    def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
+        self.cfg = cfg
+        self.data_dir = data_dir
+        name = cfg["data"]["name"]
+        if self.datasets and name not in self.datasets:
+            raise ValueError(
+                f"task {self.name!r} has no dataset {name!r}; choose data.name from "
+                f"{', '.join(self.datasets)}"
+            )
+        self.dataset_name: str = name
+
+    # --- data -----------------------------------------------------------------------------------
+    def dataset(self, split: Split) -> Dataset:
+        raise NotImplementedError
+
+    def collate(self, examples: Any) -> Any:
+        """Turn what ``dataset[...]`` (or ``dataset.__getitems__``) returned into a batch."""
+        return torch.utils.data.default_collate(examples)
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of examples in ``batch`` (used to weight the training loss for logging)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return int(first.shape[0])
+
+    # --- model and criterion --------------------------------------------------------------------
+    def make_norm(self, normalized_shape: int | tuple[int, ...]) -> nn.Module:
+        """The configured norm over ``normalized_shape``: the only way models get their norms."""
+        model_cfg = self.cfg["model"]
+        return adanorm.make_norm(
+            model_cfg["norm"], normalized_shape, **dict(model_cfg.get("norm_kwargs") or {})
+        )
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
+        """Return ``(loss, stats)``: ``loss`` is what to back-propagate (a mean over the batch) and
+        ``stats`` holds additive sums, e.g. ``{"loss_sum": ..., "correct": ..., "n": ...}``."""
+        raise NotImplementedError
+
+    def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
+        """Metrics from summed ``stats``; must contain ``loss`` and the declared metrics."""
+        raise NotImplementedError
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        reduce: Callable[[Stats], Stats],
+        autocast: Callable[[], Any],
+    ) -> dict[str, float]:
+        """Metrics of ``model`` over ``batches`` (this process's shard); ``reduce`` sums stats
+        over processes.  Override for metrics that are not sums over batches."""
+        total: Stats = {}
+        with torch.no_grad():
+            for batch in batches:
+                with autocast():
+                    _, stats = self.loss(model, batch)
+                for key, value in stats.items():
+                    total[key] = total.get(key, 0.0) + float(value)
+        return self.metrics(reduce(total))
+
+
+class TensorDataset(Dataset):
+    """In-memory tensors indexed along dim 0, fetched a whole batch at a time.
+
+    ``__getitems__`` lets the DataLoader gather a batch with one indexing operation instead of
+    stacking examples one by one, which matters on 2 CPU cores.
+    """
+
+    def __init__(self, *tensors: Tensor) -> None:
+        if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+            raise ValueError("TensorDataset needs tensors with the same first dimension")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def stack_batch(examples: Any) -> Any:
+    """Collate for :class:`TensorDataset`: its ``__getitems__`` already returns a batch."""
+    return examples
+
+
+class ClassificationTask(Task):
+    """Cross-entropy classification with accuracy (in %) as the valid and test metric.
+
+    Subclasses implement :meth:`dataset` (yielding ``(inputs, labels)``) and :meth:`build_model`.
+    """
+
+    valid_metric = "acc"
+    valid_mode = "max"
+    test_metric = "acc"
+    test_metric_label = "accuracy (%)"
+
+    def collate(self, examples: Any) -> Any:
+        if isinstance(examples, tuple):  # from TensorDataset.__getitems__
+            return examples
+        return super().collate(examples)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
+        inputs, labels = batch
+        logits = model(inputs).float()
+        loss = nn.functional.cross_entropy(logits, labels)
+        n = labels.shape[0]
+        stats = {
+            "loss_sum": float(loss.detach()) * n,
+            "correct": float((logits.detach().argmax(-1) == labels).sum()),
+            "n": float(n),
+        }
+        return loss, stats
+
+    def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
+        n = stats.get("n", 0.0)
+        if n <= 0:
+            raise ValueError("no examples were evaluated (empty split?)")
+        return {"loss": stats["loss_sum"] / n, "acc": 100.0 * stats["correct"] / n}

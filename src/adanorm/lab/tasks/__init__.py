@@ -1,0 +1,6 @@
+"""Built-in tasks.  Importing a task module registers it (``@register_task``); add new task
+modules to the import list below."""
+
+from . import digits, mnist  # noqa: F401
+
+__all__ = ["digits", "mnist"]

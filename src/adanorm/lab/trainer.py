@@ -1,0 +1,610 @@
+"""The training loop shared by every task.
+
+The :class:`Trainer` knows nothing about images, text or parsing: it asks the
+:class:`~adanorm.lab.task.Task` for datasets, the model, the loss and the metrics, and provides the
+rest — seeding, AMP, gradient accumulation and clipping, lr schedules, periodic evaluation, early
+stopping, best-checkpoint selection, atomic checkpoints with exact resume, DDP, a progress bar and
+``metrics.jsonl``.
+
+Run directory layout (written by the main process only)::
+
+    config.yaml          the resolved config
+    run.json             git commit, seed, library versions, device, world size, command line
+    metrics.jsonl        one JSON object per train log / evaluation / final test line
+    checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
+    checkpoint_best.pt   the model with the best validation metric
+    results.json         final valid and test metrics of the best checkpoint; marks a finished run
+
+Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)``; a checkpoint
+records the position inside the epoch, every RNG state and the byte length of ``metrics.jsonl``.
+Resuming truncates ``metrics.jsonl`` to that length and replays the remaining steps, so a run that
+was killed and resumed writes exactly the lines an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from . import checkpoint as ckpt
+from .config import ConfigError, dump_yaml
+from .distributed import DistInfo, all_reduce_sums, barrier, init_distributed
+from .runinfo import environment, git_state, norm_label
+from .schedules import lr_multiplier
+from .task import Stats, Task, get_task
+
+__all__ = ["Trainer", "RunDirError", "GlobalBatchSampler", "seed_everything", "resolve_device"]
+
+LAST = "checkpoint_last.pt"
+BEST = "checkpoint_best.pt"
+RESULTS = "results.json"
+METRICS = "metrics.jsonl"
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in a state that the requested action would damage."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batches of one epoch, identical for any number of processes.
+
+    The epoch's permutation depends only on ``(seed, epoch)``.  It is cut into global batches of
+    ``global_batch`` indices (the incomplete last one is dropped), and process ``rank`` of
+    ``world_size`` takes the ``rank``-th equal slice of each.  DDP averages gradients over
+    processes, so the update equals that of one process on the whole global batch.
+    ``start_batch`` skips the batches already consumed before a resume.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        global_batch: int,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: int = 0,
+        num_batches: int | None = None,
+    ) -> None:
+        if global_batch % world_size:
+            raise ConfigError(
+                f"data.batch_size={global_batch} is not divisible by the {world_size} processes"
+            )
+        self.num_examples = num_examples
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
+        self.rank, self.world_size = rank, world_size
+        full = num_examples // global_batch
+        self.num_batches = full if num_batches is None else min(num_batches, full)
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start_batch, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_examples, generator=generator)
+        else:
+            order = torch.arange(self.num_examples)
+        for b in range(self.start_batch, self.num_batches):
+            lo = b * self.global_batch + self.rank * self.local_batch
+            yield order[lo : lo + self.local_batch].tolist()
+
+
+class _ShardSampler(Sampler[list[int]]):
+    """Evaluation batches over this process's contiguous shard of a split (nothing dropped)."""
+
+    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int) -> None:
+        per = math.ceil(num_examples / world_size)
+        self.lo, self.hi = min(rank * per, num_examples), min((rank + 1) * per, num_examples)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil((self.hi - self.lo) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for lo in range(self.lo, self.hi, self.batch_size):
+            yield list(range(lo, min(lo + self.batch_size, self.hi)))
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the RNG states, determine the rest of the run."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    log_sums: dict[str, float] = field(default_factory=dict)  # train stats since the last log line
+    last_valid: dict[str, float] = field(default_factory=dict)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=False, allow_nan=True) + "\n"
+
+
+class Trainer:
+    """Train ``cfg["task"]`` into ``run_dir``; see the module docstring.
+
+    ``resume=True`` continues from ``run_dir/checkpoint_last.pt`` if it exists (and starts fresh
+    otherwise); without it, a run directory that already holds a run is refused.
+    """
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        run_dir: str | os.PathLike[str],
+        *,
+        data_dir: str | None = None,
+        resume: bool = False,
+        progress: bool | None = None,
+        argv: list[str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.data_dir = data_dir
+        self.resume = resume
+        tcfg = cfg["train"]
+        self.show_progress = tcfg["progress"] if progress is None else progress
+        self.argv = argv if argv is not None else list(sys.argv)
+
+        torch.set_num_threads(int(tcfg["threads"]) or 1)
+        self.device = resolve_device(tcfg["device"])
+        if tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+
+        amp = tcfg["amp"]
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.amp=fp16 needs CUDA; on CPU use train.amp=bf16")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+        self.task: Task = get_task(cfg["task"])(cfg, data_dir)
+        self.state = TrainState()
+
+    # --- setup ----------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _build_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        o = self.cfg["optim"]
+        name = o["name"]
+        if name == "adam":
+            return torch.optim.Adam(
+                params,
+                lr=o["lr"],
+                betas=tuple(o["betas"]),
+                eps=o["eps"],
+                weight_decay=o["weight_decay"],
+            )
+        if name == "adamw":
+            return torch.optim.AdamW(
+                params,
+                lr=o["lr"],
+                betas=tuple(o["betas"]),
+                eps=o["eps"],
+                weight_decay=o["weight_decay"],
+            )
+        if name == "sgd":
+            return torch.optim.SGD(
+                params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
+            )
+        raise ConfigError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
+
+    def _prepare_run_dir(self) -> bool:
+        """Check the run directory; return True if a checkpoint should be resumed."""
+        last = self.run_dir / LAST
+        if (self.run_dir / RESULTS).exists():
+            raise RunDirError(f"{self.run_dir} already holds a finished run ({RESULTS} exists)")
+        if self.resume:
+            return last.exists()
+        if last.exists() or (self.run_dir / METRICS).exists():
+            raise RunDirError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
+                f"another --run-dir"
+            )
+        return False
+
+    def _write_provenance(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        info = {
+            "task": self.cfg["task"],
+            "dataset": self.task.dataset_name,
+            "seed": self.cfg["seed"],
+            "git": git_state(),
+            "environment": environment(self.device),
+            "world_size": self.dist.world_size,
+            "command": self.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        name = "run.json" if not (self.run_dir / "run.json").exists() else "run.resumed.json"
+        ckpt.atomic_write_text(self.run_dir / name, json.dumps(info, indent=2) + "\n")
+
+    # --- metrics file ---------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(_json_line(record))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _metrics_size(self) -> int:
+        path = self.run_dir / METRICS
+        return path.stat().st_size if path.exists() else 0
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _save_last(self) -> None:
+        if self.dist.is_main:
+            state = {
+                "format": "adanorm-lab-checkpoint/1",
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "trainer": asdict(self.state),
+                "rng": ckpt.capture_rng(),
+                "metrics_bytes": self._metrics_size(),
+                "config": json.loads(json.dumps(self.cfg)),
+            }
+            ckpt.atomic_save(state, self.run_dir / LAST)
+        else:  # each process has its own dropout stream; the main process saves only its own
+            ckpt.atomic_save(ckpt.capture_rng(), self.run_dir / f"rng_rank{self.dist.rank}.pt")
+        barrier()
+
+    def _save_best(self) -> None:
+        if self.dist.is_main:
+            ckpt.atomic_save(
+                {
+                    "format": "adanorm-lab-best/1",
+                    "model": self.module.state_dict(),
+                    "step": self.state.step,
+                    "valid": dict(self.state.last_valid),
+                    "config": json.loads(json.dumps(self.cfg)),
+                },
+                self.run_dir / BEST,
+            )
+
+    def _load_last(self) -> None:
+        state = ckpt.load_checkpoint(self.run_dir / LAST)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["trainer"])
+        if self.dist.rank == 0:
+            ckpt.restore_rng(state["rng"])
+        else:
+            ckpt.restore_rng(ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt"))
+        # Lines written after this checkpoint are replayed by the resumed run: drop them.
+        if self.dist.is_main:
+            path = self.run_dir / METRICS
+            if path.exists():
+                with open(path, "r+b") as fh:
+                    fh.truncate(int(state["metrics_bytes"]))
+        barrier()
+
+    # --- data -----------------------------------------------------------------------------------
+    def _limited(self, dataset: Dataset) -> Dataset:
+        limit = int(self.cfg["data"].get("max_examples") or 0)
+        if limit and limit < len(dataset):  # type: ignore[arg-type]
+            return Subset(dataset, range(limit))
+        return dataset
+
+    def _loader(self, dataset: Dataset, sampler: Sampler[list[int]]) -> DataLoader:
+        return DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=0
+        )
+
+    def _eval_batches(self, dataset: Dataset) -> Iterator[Any]:
+        sampler = _ShardSampler(
+            len(dataset), self.cfg["data"]["eval_batch_size"], self.dist.rank, self.dist.world_size
+        )
+        for batch in self._loader(dataset, sampler):
+            yield _move(batch, self.device)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        dataset = self.valid_set if split == "valid" else self.test_set
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self.task.evaluate(
+                self.module,
+                self._eval_batches(dataset),
+                lambda stats: all_reduce_sums(stats, self.device),
+                self._autocast,
+            )
+        finally:
+            self.module.train(was_training)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _micro_step(self, batch: Any, sync: bool, scale: float) -> Stats:
+        context = (
+            contextlib.nullcontext() if sync or not self.dist.enabled else self.model.no_sync()
+        )
+        with context:
+            with self._autocast():
+                loss, stats = self.task.loss(self.model, batch)
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(
+                    f"non-finite training loss {float(loss)} at step {self.state.step}; "
+                    f"try a lower optim.lr, optim.clip_norm > 0 or train.amp=none"
+                )
+            loss = loss * scale
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return stats
+
+    def _optimizer_step(self, micro_batches: list[Any]) -> None:
+        accum = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            stats = self._micro_step(
+                _move(batch, self.device), sync=i == accum - 1, scale=1 / accum
+            )
+            for key, value in stats.items():
+                self.state.log_sums[key] = self.state.log_sums.get(key, 0.0) + float(value)
+        clip = self.cfg["optim"]["clip_norm"]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.batch_in_epoch += accum
+
+    def _improved(self, value: float) -> bool:
+        best = self.state.best_metric
+        if best is None or math.isnan(best):
+            return not math.isnan(value)
+        return value > best if self.task.valid_mode == "max" else value < best
+
+    def _run_eval(self) -> None:
+        metrics = self.evaluate("valid")
+        self.state.last_valid = metrics
+        value = metrics[self.task.valid_metric]
+        if self._improved(value):
+            self.state.best_metric = value
+            self.state.best_step = self.state.step
+            self.state.evals_without_improvement = 0
+            self._save_best()
+        else:
+            self.state.evals_without_improvement += 1
+        self._log(
+            {
+                "split": "valid",
+                "step": self.state.step,
+                "epoch": self.state.epoch,
+                **metrics,
+                f"best_{self.task.valid_metric}": self.state.best_metric,
+            }
+        )
+        patience = self.cfg["train"]["patience"]
+        if patience and self.state.evals_without_improvement >= patience:
+            self.state.stopped_early = True
+
+    def _flush_train_log(self) -> None:
+        sums = all_reduce_sums(self.state.log_sums, self.device)
+        self.state.log_sums = {}
+        if sums:
+            metrics = self.task.metrics(sums)
+            self._log(
+                {
+                    "split": "train",
+                    "step": self.state.step,
+                    "epoch": self.state.epoch,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    **metrics,
+                }
+            )
+            self._train_postfix = metrics
+
+    def fit(self) -> dict[str, Any]:
+        """Train (or resume), then evaluate the best checkpoint; return the final results."""
+        cfg, tcfg = self.cfg, self.cfg["train"]
+        resume_from_checkpoint = self._prepare_run_dir()
+        self._write_provenance()
+
+        seed_everything(cfg["seed"])
+        self.train_set = self._limited(self.task.dataset("train"))
+        self.valid_set = self._limited(self.task.dataset("valid"))
+        self.test_set = self._limited(self.task.dataset("test"))
+        self.module: nn.Module = self.task.build_model().to(self.device)
+        self.model: nn.Module = self.module
+        if self.dist.enabled:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.dist.rank > 0:
+            torch.manual_seed(cfg["seed"] + 7919 * self.dist.rank)  # own dropout stream
+        self.optimizer = self._build_optimizer(self.module.parameters())
+
+        accum = cfg["optim"]["accum_steps"]
+        global_batch = cfg["data"]["batch_size"]
+        micro_per_epoch = len(self.train_set) // global_batch
+        self.steps_per_epoch = micro_per_epoch // accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the train split has {len(self.train_set)} examples: fewer than one update of "
+                f"data.batch_size={global_batch} x optim.accum_steps={accum}"
+            )
+        total = tcfg["max_epochs"] * self.steps_per_epoch if tcfg["max_epochs"] else 0
+        if tcfg["max_steps"]:
+            total = min(total, tcfg["max_steps"]) if total else tcfg["max_steps"]
+        self.total_steps = total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(cfg["schedule"], cfg["optim"]["lr"], total)
+        )
+        use_scaler = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        if resume_from_checkpoint:
+            self._load_last()
+
+        self._train_postfix: dict[str, float] = {}
+        eval_every = tcfg["eval_every"]
+        bar = None
+        if self.show_progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            label = norm_label(cfg["model"]["norm"], cfg["model"]["norm_kwargs"])
+            bar = tqdm(
+                total=total,
+                initial=self.state.step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=f"{cfg['task']}/{self.task.dataset_name} {label} seed {cfg['seed']}",
+                file=sys.stderr,
+            )
+        started = time.perf_counter()
+        seconds_before = self.state.train_seconds
+        self.module.train()
+        try:
+            while self.state.step < total and not self.state.stopped_early:
+                sampler = GlobalBatchSampler(
+                    len(self.train_set),
+                    global_batch,
+                    seed=cfg["seed"],
+                    epoch=self.state.epoch,
+                    rank=self.dist.rank,
+                    world_size=self.dist.world_size,
+                    start_batch=self.state.batch_in_epoch,
+                    num_batches=self.steps_per_epoch * accum,
+                )
+                batches = iter(self._loader(self.train_set, sampler))
+                while self.state.step < total and not self.state.stopped_early:
+                    self._optimizer_step([next(batches) for _ in range(accum)])
+                    epoch_end = self.state.batch_in_epoch >= self.steps_per_epoch * accum
+                    if epoch_end:
+                        self.state.epoch += 1
+                        self.state.batch_in_epoch = 0
+                    step = self.state.step
+                    if step % tcfg["log_every"] == 0 or step == total or epoch_end:
+                        self._flush_train_log()
+                    evaluated = False
+                    if (eval_every == "epoch" and epoch_end) or (
+                        eval_every != "epoch" and step % eval_every == 0
+                    ):
+                        self._run_eval()
+                        evaluated = True
+                    if step == total and not evaluated and self.state.best_step != step:
+                        self._run_eval()  # the final model is always a candidate
+                        evaluated = True
+                    self.state.train_seconds = seconds_before + time.perf_counter() - started
+                    if evaluated or step % tcfg["checkpoint_every"] == 0 or step == total:
+                        self._save_last()
+                    if bar is not None:
+                        bar.update(1)
+                        post = {
+                            "loss": f"{self._train_postfix.get('loss', float('nan')):.4f}",
+                            "lr": f"{self.scheduler.get_last_lr()[0]:.2e}",
+                        }
+                        if self.state.last_valid:
+                            key = self.task.valid_metric
+                            post[f"valid_{key}"] = f"{self.state.last_valid[key]:.4f}"
+                        bar.set_postfix(post, refresh=False)
+                    if epoch_end:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        best = ckpt.load_checkpoint(self.run_dir / BEST) if (self.run_dir / BEST).exists() else None
+        barrier()
+        if best is not None:
+            self.module.load_state_dict(best["model"])
+        valid = self.evaluate("valid")
+        test = self.evaluate("test")
+        self._log({"split": "test", "step": self.state.best_step, **test})
+        results = {
+            "task": cfg["task"],
+            "dataset": self.task.dataset_name,
+            "norm": cfg["model"]["norm"],
+            "norm_kwargs": dict(cfg["model"]["norm_kwargs"] or {}),
+            "norm_label": norm_label(cfg["model"]["norm"], cfg["model"]["norm_kwargs"]),
+            "seed": cfg["seed"],
+            "valid_metric": self.task.valid_metric,
+            "valid_mode": self.task.valid_mode,
+            "test_metric": self.task.test_metric,
+            "test_metric_label": self.task.test_metric_label,
+            "best_step": self.state.best_step,
+            "steps": self.state.step,
+            "epochs_completed": self.state.epoch,
+            "stopped_early": self.state.stopped_early,
+            "train_seconds": round(self.state.train_seconds, 2),
+            "world_size": self.dist.world_size,
+            "valid": valid,
+            "test": test,
+        }
+        if self.dist.is_main:
+            ckpt.atomic_write_text(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+        barrier()
+        return results
