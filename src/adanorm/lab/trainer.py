@@ -351,8 +351,14 @@ class Trainer:
         return dataset
 
     def _loader(self, dataset: Dataset, sampler: Sampler[list[int]]) -> DataLoader:
+        # A private generator: creating a DataLoader iterator draws a seed from its generator,
+        # and drawing from the global one would shift dropout masks after a resume.
         return DataLoader(
-            dataset, batch_sampler=sampler, collate_fn=self.task.collate, num_workers=0
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.task.collate,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(0),
         )
 
     def _eval_batches(self, dataset: Dataset) -> Iterator[Any]:
