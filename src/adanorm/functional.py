@@ -329,6 +329,17 @@ def layer_norm_simple(
     std_mode: StdMode = "biased",
 ) -> Tensor:
     r"""LayerNorm-simple: :math:`(x-\mu)/\sigma`, no gain or bias."""
+    if std_mode == "biased" and input.device.type == "cpu":
+        # On CPU the fused kernel beats native F.layer_norm for the parameter-free case
+        # (docs/performance.md); normalize() keeps LayerNorm(elementwise_affine=False) on the
+        # native kernel so that it stays bit-identical to nn.LayerNorm.
+        shape = _as_shape(normalized_shape)
+        check_input(input, shape)
+        fast = _fast_kernel_norm(
+            input.reshape(-1, math.prod(shape)), float(eps), False, False, False, None, 0.1
+        )
+        if fast is not None:
+            return fast.view(input.shape)
     return normalize(input, normalized_shape, None, None, eps, std_mode=std_mode)
 
 

@@ -1,0 +1,476 @@
+// Fused CPU kernels for the norm family of Xu et al. (NeurIPS 2019): LayerNorm-simple, DetachNorm
+// (and its detach-mean / detach-std ablations) and AdaNorm, in either std convention.
+//
+// Registered as torch.library operators in the `adanorm` namespace:
+//   adanorm::norm           -- the user-facing op, with a C++ autograd kernel (no Python on the
+//                              training path: autograd.Function costs tens of microseconds/call)
+//   adanorm::norm_forward   -- (out, mean, rstd); mean and rstd are float32 per row
+//   adanorm::norm_backward  -- grad_input from (grad, x, mean, rstd)
+// The Python side registers fake (meta) kernels for all three so torch.compile and torch.export
+// can trace them.
+//
+// Per row, everything after the first read works on an L1-resident row:
+//   forward:  sum -> centred sum of squares (exact two-pass variance, no serial Welford chain)
+//             -> one sweep writing y or AdaNorm's z = y * (C - C k y)
+//   backward: one sweep for the two row sums s1 = sum(g'), s2 = sum(g' y) with g' = phi(y) g,
+//             one sweep writing dx = rstd * (g' - s1/H - rho y s2/H)
+//             (the mean / std terms dropped when detached; rho = 1 in biased mode).
+// Reduced-precision rows (bf16, fp16) are converted to float once into a per-thread buffer, so
+// statistics and arithmetic are float32 and the output is rounded once.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace adanorm {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+
+inline float reduce_add(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+// Row sum with four independent accumulators, so the adds are not one serial dependency chain.
+inline float row_sum(const float* x, int64_t n) {
+  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  int64_t j = 0;
+  for (; j + 4 * kV <= n; j += 4 * kV) {
+    a0 += Vec::loadu(x + j);
+    a1 += Vec::loadu(x + j + kV);
+    a2 += Vec::loadu(x + j + 2 * kV);
+    a3 += Vec::loadu(x + j + 3 * kV);
+  }
+  for (; j + kV <= n; j += kV) a0 += Vec::loadu(x + j);
+  float s = reduce_add((a0 + a1) + (a2 + a3));
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+inline float row_centered_sum_of_squares(const float* x, int64_t n, float mean) {
+  const Vec m(mean);
+  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  int64_t j = 0;
+  for (; j + 4 * kV <= n; j += 4 * kV) {
+    Vec d0 = Vec::loadu(x + j) - m;
+    Vec d1 = Vec::loadu(x + j + kV) - m;
+    Vec d2 = Vec::loadu(x + j + 2 * kV) - m;
+    Vec d3 = Vec::loadu(x + j + 3 * kV) - m;
+    a0 = at::vec::fmadd(d0, d0, a0);
+    a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
+  }
+  for (; j + kV <= n; j += kV) {
+    Vec d = Vec::loadu(x + j) - m;
+    a0 = at::vec::fmadd(d, d, a0);
+  }
+  float s = reduce_add((a0 + a1) + (a2 + a3));
+  for (; j < n; ++j) {
+    const float d = x[j] - mean;
+    s += d * d;
+  }
+  return s;
+}
+
+struct RowStats {
+  float mean;
+  float rstd;
+};
+
+inline RowStats row_stats(const float* x, int64_t n, double eps, bool unbiased) {
+  const float mean = row_sum(x, n) / static_cast<float>(n);
+  const double ss = row_centered_sum_of_squares(x, n, mean);
+  double rstd;
+  if (unbiased) {
+    rstd = 1.0 / (std::sqrt(ss / static_cast<double>(n - 1)) + eps);
+  } else {
+    rstd = 1.0 / std::sqrt(ss / static_cast<double>(n) + eps);
+  }
+  return {mean, static_cast<float>(rstd)};
+}
+
+// y = (x - mean) * rstd, or AdaNorm's z = y * (C - C k y).
+template <bool kAda>
+inline void write_normalized(const float* x, float* out, int64_t n, RowStats s, float c,
+                             float ck) {
+  const Vec m(s.mean), r(s.rstd), vc(c), vnck(-ck);
+  int64_t j = 0;
+  for (; j + kV <= n; j += kV) {
+    Vec y = (Vec::loadu(x + j) - m) * r;
+    if constexpr (kAda) y = y * at::vec::fmadd(y, vnck, vc);
+    y.store(out + j);
+  }
+  for (; j < n; ++j) {
+    float y = (x[j] - s.mean) * s.rstd;
+    if constexpr (kAda) y = y * (c - ck * y);
+    out[j] = y;
+  }
+}
+
+struct BackwardFlags {
+  bool detach_mean;
+  bool detach_std;
+  bool unbiased;
+  double eps;
+};
+
+// dx = rstd * (g' - [mean(g')] - [rho * y * mean(g' y)]), g' = phi(y) g with phi = C - C k y for
+// AdaNorm (a constant in backward, as the paper prescribes) and phi = 1 otherwise.
+template <bool kAda>
+inline void backward_row(const float* x, const float* g, float* dx, int64_t n, RowStats s,
+                         float c, float ck, const BackwardFlags& f) {
+  const Vec m(s.mean), r(s.rstd), vc(c), vnck(-ck);
+  Vec s1a(0.f), s1b(0.f), s2a(0.f), s2b(0.f);
+  int64_t j = 0;
+  for (; j + 2 * kV <= n; j += 2 * kV) {
+    Vec y0 = (Vec::loadu(x + j) - m) * r;
+    Vec y1 = (Vec::loadu(x + j + kV) - m) * r;
+    Vec g0 = Vec::loadu(g + j);
+    Vec g1 = Vec::loadu(g + j + kV);
+    if constexpr (kAda) {
+      g0 = g0 * at::vec::fmadd(y0, vnck, vc);
+      g1 = g1 * at::vec::fmadd(y1, vnck, vc);
+    }
+    s1a += g0;
+    s1b += g1;
+    s2a = at::vec::fmadd(g0, y0, s2a);
+    s2b = at::vec::fmadd(g1, y1, s2b);
+  }
+  for (; j + kV <= n; j += kV) {
+    Vec y0 = (Vec::loadu(x + j) - m) * r;
+    Vec g0 = Vec::loadu(g + j);
+    if constexpr (kAda) g0 = g0 * at::vec::fmadd(y0, vnck, vc);
+    s1a += g0;
+    s2a = at::vec::fmadd(g0, y0, s2a);
+  }
+  float sum_g = reduce_add(s1a + s1b);
+  float sum_gy = reduce_add(s2a + s2b);
+  for (; j < n; ++j) {
+    const float y = (x[j] - s.mean) * s.rstd;
+    float gp = g[j];
+    if constexpr (kAda) gp *= c - ck * y;
+    sum_g += gp;
+    sum_gy += gp * y;
+  }
+
+  const float inv_n = 1.f / static_cast<float>(n);
+  const float mean_term = f.detach_mean ? 0.f : sum_g * inv_n;
+  float rho = 1.f;
+  if (f.unbiased) {
+    // sigma = s + eps, d sigma / d x_j = y_j sigma / ((H-1) s): rho = H/(H-1) * sigma / s.
+    const double sigma = 1.0 / static_cast<double>(s.rstd);
+    const double std_dev = sigma - f.eps;
+    rho = std_dev > 0 ? static_cast<float>(sigma / std_dev * n / (n - 1.0)) : 0.f;
+  }
+  const float proj_term = f.detach_std ? 0.f : rho * sum_gy * inv_n;
+
+  const Vec vmean_term(mean_term), vproj(proj_term);
+  j = 0;
+  for (; j + kV <= n; j += kV) {
+    Vec y = (Vec::loadu(x + j) - m) * r;
+    Vec gp = Vec::loadu(g + j);
+    if constexpr (kAda) gp = gp * at::vec::fmadd(y, vnck, vc);
+    // (gp - mean_term - y * proj) * rstd
+    Vec d = at::vec::fnmadd(y, vproj, gp - vmean_term) * r;
+    d.store(dx + j);
+  }
+  for (; j < n; ++j) {
+    const float y = (x[j] - s.mean) * s.rstd;
+    float gp = g[j];
+    if constexpr (kAda) gp *= c - ck * y;
+    dx[j] = (gp - mean_term - y * proj_term) * s.rstd;
+  }
+}
+
+inline void scale_row(const float* g, float* dx, int64_t n, float rstd) {
+  const Vec r(rstd);
+  int64_t j = 0;
+  for (; j + kV <= n; j += kV) (Vec::loadu(g + j) * r).store(dx + j);
+  for (; j < n; ++j) dx[j] = g[j] * rstd;
+}
+
+// ---- reduced precision <-> float rows ---------------------------------------------------------
+
+template <typename scalar_t>
+inline void to_float_row(const scalar_t* src, float* dst, int64_t n) {
+  using RVec = at::vec::Vectorized<scalar_t>;
+  int64_t j = 0;
+  for (; j + RVec::size() <= n; j += RVec::size()) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(RVec::loadu(src + j));
+    lo.store(dst + j);
+    hi.store(dst + j + kV);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename scalar_t>
+inline void from_float_row(const float* src, scalar_t* dst, int64_t n) {
+  using RVec = at::vec::Vectorized<scalar_t>;
+  int64_t j = 0;
+  for (; j + RVec::size() <= n; j += RVec::size()) {
+    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + j), Vec::loadu(src + j + kV))
+        .store(dst + j);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+}
+
+// Rows per parallel task: enough elements per task that the fork/join cost is amortised; tiny
+// tensors stay on one thread.
+inline int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+template <typename scalar_t, bool kAda>
+void forward_rows(const scalar_t* x, scalar_t* out, float* mean, float* rstd, int64_t rows,
+                  int64_t n, double eps, bool unbiased, float c, float ck) {
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t i = begin; i < end; ++i) {
+        const RowStats s = row_stats(x + i * n, n, eps, unbiased);
+        write_normalized<kAda>(x + i * n, out + i * n, n, s, c, ck);
+        mean[i] = s.mean;
+        rstd[i] = s.rstd;
+      }
+    } else {
+      std::vector<float> xf(n), of(n);
+      for (int64_t i = begin; i < end; ++i) {
+        to_float_row(x + i * n, xf.data(), n);
+        const RowStats s = row_stats(xf.data(), n, eps, unbiased);
+        write_normalized<kAda>(xf.data(), of.data(), n, s, c, ck);
+        from_float_row(of.data(), out + i * n, n);
+        mean[i] = s.mean;
+        rstd[i] = s.rstd;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool kAda>
+void backward_rows(const scalar_t* g, const scalar_t* x, const float* mean, const float* rstd,
+                   scalar_t* dx, int64_t rows, int64_t n, float c, float ck,
+                   const BackwardFlags& f) {
+  at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (x == nullptr) {
+          scale_row(g + i * n, dx + i * n, n, rstd[i]);
+        } else {
+          backward_row<kAda>(x + i * n, g + i * n, dx + i * n, n, {mean[i], rstd[i]}, c, ck, f);
+        }
+      }
+    } else {
+      std::vector<float> xf(x == nullptr ? 0 : n), gf(n), df(n);
+      for (int64_t i = begin; i < end; ++i) {
+        to_float_row(g + i * n, gf.data(), n);
+        if (x == nullptr) {
+          scale_row(gf.data(), df.data(), n, rstd[i]);
+        } else {
+          to_float_row(x + i * n, xf.data(), n);
+          backward_row<kAda>(xf.data(), gf.data(), df.data(), n, {mean[i], rstd[i]}, c, ck, f);
+        }
+        from_float_row(df.data(), dx + i * n, n);
+      }
+    }
+  });
+}
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "adanorm: ", name, " must be 2-D (rows, H), got ", t.dim(), "-D");
+  TORCH_CHECK(t.device().is_cpu(), "adanorm: the C++ kernels run on CPU tensors only");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "adanorm: the C++ kernels take float32, bfloat16 or float16, got ", dt);
+}
+
+// Calls fn(scalar value tag, std::bool_constant<ada>) for float32, bfloat16 and float16 only.
+template <typename Fn>
+void dispatch_float_types(at::ScalarType dtype, bool ada, const Fn& fn) {
+  auto with_ada = [&](auto scalar_tag) {
+    ada ? fn(scalar_tag, std::true_type{}) : fn(scalar_tag, std::false_type{});
+  };
+  switch (dtype) {
+    case at::kFloat: return with_ada(float{});
+    case at::kBFloat16: return with_ada(at::BFloat16{});
+    case at::kHalf: return with_ada(at::Half{});
+    default: TORCH_CHECK(false, "adanorm: unsupported dtype ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward_cpu(const at::Tensor& x_in,
+                                                                double eps, bool unbiased,
+                                                                std::optional<double> scale,
+                                                                double k) {
+  check_2d(x_in, "input");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(!unbiased || n >= 2, "adanorm: std_mode='unbiased' needs H >= 2");
+  at::Tensor out = at::empty_like(x);
+  at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0 || n == 0) return {out, mean, rstd};
+  const bool ada = scale.has_value();
+  const float c = ada ? static_cast<float>(*scale) : 1.f;
+  const float ck = ada ? static_cast<float>(*scale * k) : 0.f;
+  auto run = [&](auto scalar_tag, auto ada_tag) {
+    using scalar_t = decltype(scalar_tag);
+    forward_rows<scalar_t, decltype(ada_tag)::value>(
+        x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows, n, eps, unbiased, c,
+        ck);
+  };
+  dispatch_float_types(x.scalar_type(), ada, run);
+  return {out, mean, rstd};
+}
+
+at::Tensor norm_backward_cpu(const at::Tensor& grad_in, const std::optional<at::Tensor>& x_opt,
+                             const std::optional<at::Tensor>& mean_opt, const at::Tensor& rstd_in,
+                             double eps, bool unbiased, bool detach_mean, bool detach_std,
+                             std::optional<double> scale, double k) {
+  check_2d(grad_in, "grad");
+  const at::Tensor g = grad_in.contiguous();
+  const at::Tensor rstd = rstd_in.contiguous();
+  const int64_t rows = g.size(0), n = g.size(1);
+  // AdaNorm's phi(y) multiplies g even with both statistics detached, which needs y, hence x.
+  const bool ada = scale.has_value();
+  const bool only_scale = detach_mean && detach_std && !ada;
+  at::Tensor x, mean;
+  if (!only_scale) {
+    TORCH_CHECK(x_opt.has_value() && mean_opt.has_value(),
+                "adanorm: backward needs the input and the row means unless both statistics are "
+                "detached");
+    x = x_opt->contiguous();
+    mean = mean_opt->contiguous();
+    TORCH_CHECK(x.sizes() == g.sizes() && x.scalar_type() == g.scalar_type(),
+                "adanorm: grad and input must have the same shape and dtype");
+  }
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows,
+              "adanorm: rstd must be float32 with one entry per row");
+  at::Tensor dx = at::empty_like(g);
+  if (rows == 0 || n == 0) return dx;
+  const float c = ada ? static_cast<float>(*scale) : 1.f;
+  const float ck = ada ? static_cast<float>(*scale * k) : 0.f;
+  const BackwardFlags flags{detach_mean, detach_std, unbiased, eps};
+  auto run = [&](auto scalar_tag, auto ada_tag) {
+    using scalar_t = decltype(scalar_tag);
+    backward_rows<scalar_t, decltype(ada_tag)::value>(
+        g.const_data_ptr<scalar_t>(), only_scale ? nullptr : x.const_data_ptr<scalar_t>(),
+        only_scale ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+        dx.mutable_data_ptr<scalar_t>(), rows, n, c, ck, flags);
+  };
+  dispatch_float_types(g.scalar_type(), ada, run);
+  return dx;
+}
+
+// ---- autograd -----------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& x, double eps,
+                                                            bool unbiased,
+                                                            std::optional<double> scale,
+                                                            double k) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adanorm::norm_forward", "")
+                       .typed<decltype(norm_forward_cpu)>();
+  return op.call(x, eps, unbiased, scale, k);
+}
+
+at::Tensor call_backward(const at::Tensor& g, const std::optional<at::Tensor>& x,
+                         const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
+                         double eps, bool unbiased, bool detach_mean, bool detach_std,
+                         std::optional<double> scale, double k) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("adanorm::norm_backward", "")
+                       .typed<decltype(norm_backward_cpu)>();
+  return op.call(g, x, mean, rstd, eps, unbiased, detach_mean, detach_std, scale, k);
+}
+
+class NormFunction : public torch::autograd::Function<NormFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            double eps, bool unbiased, bool detach_mean, bool detach_std,
+                            std::optional<double> scale, double k) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, rstd] = call_forward(x, eps, unbiased, scale, k);
+    // DetachNorm with both statistics detached needs only rstd: the input can be freed.
+    const bool full = !(detach_mean && detach_std) || scale.has_value();
+    if (full) {
+      ctx->save_for_backward({x, mean, rstd});
+    } else {
+      ctx->save_for_backward({rstd});
+    }
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["unbiased"] = unbiased;
+    ctx->saved_data["detach_mean"] = detach_mean;
+    ctx->saved_data["detach_std"] = detach_std;
+    ctx->saved_data["has_scale"] = scale.has_value();
+    ctx->saved_data["scale"] = scale.value_or(1.0);
+    ctx->saved_data["k"] = k;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    std::optional<at::Tensor> x, mean;
+    at::Tensor rstd;
+    if (saved.size() == 3) {
+      x = saved[0];
+      mean = saved[1];
+      rstd = saved[2];
+    } else {
+      rstd = saved[0];
+    }
+    const std::optional<double> scale =
+        ctx->saved_data["has_scale"].toBool()
+            ? std::optional<double>(ctx->saved_data["scale"].toDouble())
+            : std::nullopt;
+    at::Tensor dx = call_backward(
+        grads[0], x, mean, rstd, ctx->saved_data["eps"].toDouble(),
+        ctx->saved_data["unbiased"].toBool(), ctx->saved_data["detach_mean"].toBool(),
+        ctx->saved_data["detach_std"].toBool(), scale, ctx->saved_data["k"].toDouble());
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor norm_autograd(const at::Tensor& x, double eps, bool unbiased, bool detach_mean,
+                         bool detach_std, std::optional<double> scale, double k) {
+  return NormFunction::apply(x, eps, unbiased, detach_mean, detach_std, scale, k);
+}
+
+// Below autograd (inference mode, or once the autograd kernel has run): just the forward.
+at::Tensor norm_no_grad(const at::Tensor& x, double eps, bool unbiased, bool detach_mean,
+                        bool detach_std, std::optional<double> scale, double k) {
+  return std::get<0>(call_forward(x, eps, unbiased, scale, k));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(adanorm, m) {
+  m.def(
+      "norm(Tensor x, float eps, bool unbiased, bool detach_mean, bool detach_std, "
+      "float? scale, float k) -> Tensor");
+  m.def(
+      "norm_forward(Tensor x, float eps, bool unbiased, float? scale, float k) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "norm_backward(Tensor grad, Tensor? x, Tensor? mean, Tensor rstd, float eps, "
+      "bool unbiased, bool detach_mean, bool detach_std, float? scale, float k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(adanorm, CPU, m) {
+  m.impl("norm", norm_no_grad);
+  m.impl("norm_forward", norm_forward_cpu);
+  m.impl("norm_backward", norm_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(adanorm, Autograd, m) { m.impl("norm", norm_autograd); }
+
+}  // namespace adanorm
