@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -344,7 +345,7 @@ def plot_gradstats(run: VariantRun, out: Path) -> Path:
         f"statistics per norm layer (colour = depth)"
     )
     fig.tight_layout()
-    path = out / f"gradstats_{run.label}.png"
+    path = out / f"gradstats_{_file_safe(run.label)}.png"
     _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -396,6 +397,11 @@ def plot_curves(runs: list[VariantRun], out: Path, stem: str, title: str) -> Pat
     return path
 
 
+def _file_safe(label: str) -> str:
+    """'adanorm(C=2)' -> 'adanorm-C2': no shell-special characters in file names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "", label.replace("(", "-"))
+
+
 def _save_figure(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -413,7 +419,7 @@ def analyze(
     preset: str = "cpu",
     seeds: int = 1,
     scales: Sequence[float] = (0.5, 1.0, 2.0, 3.0),
-    depths: Sequence[int] = (),
+    depths: Sequence[Any] = (),
     depth_key: str = "model.layers",
     overrides: Sequence[str] = (),
     gradstats_every: int = 10,
@@ -459,7 +465,9 @@ def analyze(
     if depths:
         ablation: list[VariantRun] = []
         rows = []
-        for depth in depths:
+        for value in depths:
+            # A depth is a layer count, or (for the CNNs) a list of widths: its length.
+            depth = len(value) if isinstance(value, list) else value
             group = []
             for norm in ("layernorm-simple", "detach-mean", "detach-std", "detachnorm"):
                 for seed in range(1, seeds + 1):
@@ -468,7 +476,7 @@ def analyze(
                         preset,
                         norm,
                         seed=seed,
-                        extra={depth_key: depth},
+                        extra={depth_key: value},
                         name=f"depth{depth}_{norm}_s{seed}",
                         **common,
                     )

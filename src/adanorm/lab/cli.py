@@ -7,6 +7,7 @@ adanorm sweep mnist --norms layernorm,layernorm-simple,none,detachnorm,adanorm -
 adanorm report runs/sweep-mnist [--json]
 adanorm download mnist [--data-dir DIR]
 adanorm tasks
+adanorm analyze mnist --norms layernorm-simple,detach-mean,detach-std,detachnorm,adanorm
 """
 
 from __future__ import annotations
@@ -86,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
 
     sub.add_parser("tasks", help="list tasks, their datasets and presets")
+
+    p = sub.add_parser(
+        "analyze", help="Theorem 1 gradient statistics, generalization gap, C sweep, depth ablation"
+    )
+    p.add_argument("task")
+    _add_common(p)
+    p.add_argument("--norms", default="layernorm-simple,detach-mean,detach-std,detachnorm,adanorm")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per variant (default 1)")
+    p.add_argument("--scales", default="0.5,1,2,3", help="AdaNorm C sweep ('' to skip)")
+    p.add_argument(
+        "--depths",
+        nargs="*",
+        default=[],
+        metavar="VALUE",
+        help="values of --depth-key for the detach-mean/detach-std ablation, e.g. 2 6 or "
+        "'[16,32]' '[16,16,32,32]' (YAML)",
+    )
+    p.add_argument("--depth-key", default="model.layers", help="config key that sets depth")
+    p.add_argument("--every", type=int, default=10, help="record gradients every N updates")
+    p.add_argument("--out", default=None, help="output directory (default runs/analyze-<task>)")
     return parser
 
 
@@ -210,6 +231,31 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .analyze import analyze
+
+    out = Path(args.out or f"runs/analyze-{args.task}")
+    tables = analyze(
+        args.task,
+        [n for n in args.norms.split(",") if n],
+        out=out,
+        preset=args.preset,
+        seeds=args.seeds,
+        scales=[float(c) for c in args.scales.split(",") if c],
+        depths=[yaml.safe_load(d) for d in args.depths],
+        depth_key=args.depth_key,
+        overrides=_overrides(args) + ["train.progress=false"],
+        gradstats_every=args.every,
+        data_dir=args.data_dir,
+    )
+    for text in tables.values():
+        print(text)
+    print(f"tables and plots written to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
@@ -219,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _cmd_demo,
         "download": _cmd_download,
         "tasks": _cmd_tasks,
+        "analyze": _cmd_analyze,
     }[args.command]
     from .data import ChecksumError, DataMissingError
     from .trainer import RunDirError

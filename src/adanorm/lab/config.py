@@ -81,6 +81,11 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "progress": True,
         "deterministic": True,
     },
+    "analysis": {
+        # Record Theorem-1 gradient statistics of every norm layer every N optimizer updates
+        # (adanorm.analysis.GradientStatsRecorder) into metrics.jsonl; 0 disables.
+        "gradstats_every": 0,
+    },
 }
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..analysis import GradientStatsRecorder
 from . import checkpoint as ckpt
 from .config import ConfigError, dump_yaml
 from .distributed import DistInfo, all_reduce_sums, barrier, init_distributed
@@ -404,12 +405,18 @@ class Trainer:
 
     def _optimizer_step(self, micro_batches: list[Any]) -> None:
         accum = len(micro_batches)
-        for i, batch in enumerate(micro_batches):
-            stats = self._micro_step(
-                _move(batch, self.device), sync=i == accum - 1, scale=1 / accum
-            )
-            for key, value in stats.items():
-                self.state.log_sums[key] = self.state.log_sums.get(key, 0.0) + float(value)
+        recording = (
+            self.grad_recorder.step(self.state.step)
+            if self.grad_recorder is not None
+            else contextlib.nullcontext()
+        )
+        with recording:
+            for i, batch in enumerate(micro_batches):
+                stats = self._micro_step(
+                    _move(batch, self.device), sync=i == accum - 1, scale=1 / accum
+                )
+                for key, value in stats.items():
+                    self.state.log_sums[key] = self.state.log_sums.get(key, 0.0) + float(value)
         clip = self.cfg["optim"]["clip_norm"]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -424,6 +431,10 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         self.state.batch_in_epoch += accum
+        if self.grad_recorder is not None:
+            grad_stats = self.grad_recorder.pop()
+            if grad_stats:  # this process's shard only, under DDP
+                self._log({"split": "gradstats", "step": self.state.step, **grad_stats})
 
     def _improved(self, value: float) -> bool:
         best = self.state.best_metric
@@ -490,6 +501,12 @@ class Trainer:
         if self.dist.rank > 0:
             torch.manual_seed(cfg["seed"] + 7919 * self.dist.rank)  # own dropout stream
         self.optimizer = self._build_optimizer(self.module.parameters())
+        gradstats_every = int(cfg["analysis"]["gradstats_every"])
+        self.grad_recorder = (
+            GradientStatsRecorder(self.module, every=gradstats_every)
+            if gradstats_every > 0
+            else None
+        )
 
         accum = cfg["optim"]["accum_steps"]
         global_batch = cfg["data"]["batch_size"]
