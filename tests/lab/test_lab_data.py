@@ -162,3 +162,19 @@ def test_real_mnist_verifies_and_has_the_papers_splits() -> None:
     assert sizes == {"train": 55_000, "valid": 5_000, "test": 10_000}
     x, y = task.dataset("valid").__getitems__([0, 1])
     assert x.shape == (2, 1, 28, 28) and y.tolist() == [5, 0]  # the first two MNIST labels
+
+
+def test_adanorm_download_command_fetches_a_registered_dataset(server, tmp_path: Path) -> None:
+    from adanorm.lab.cli import main
+    from adanorm.lab.data import DatasetInfo, register_dataset
+
+    url = _url(server, "/blob.bin")
+    spec = DataFile("blob.bin", hashlib.sha256(PAYLOAD).hexdigest(), urls=(url,))
+    register_dataset(DatasetInfo(name="lab-test-blob", subdir="blob", files=(spec,)))
+    server.files["/blob.bin"] = PAYLOAD
+    assert main(["download", "lab-test-blob", "--data-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "blob" / "blob.bin").read_bytes() == PAYLOAD
+    assert require_dataset("lab-test-blob", tmp_path) == tmp_path / "blob"
+    # A corrupted copy on disk is refused by the next user, with exit code 2 from the CLI.
+    (tmp_path / "blob" / "blob.bin").write_bytes(b"corrupt")
+    assert main(["download", "lab-test-blob", "--data-dir", str(tmp_path)]) == 2
