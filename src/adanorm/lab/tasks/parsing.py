@@ -1,0 +1,429 @@
+"""Dependency parsing with a Chen & Manning (2014) style feed-forward transition parser.
+
+The paper's PTB column is "an MLP-based parser, 3 layers" (shared/paper.md §3.5).  Here:
+
+* arc-standard transitions with a static oracle (:mod:`adanorm.lab.tasks.parsing_data`);
+* C&M's 48 features (18 words, 18 POS tags, 12 arc labels over s1..s3, b1..b3 and the leftmost /
+  rightmost children of s1 and s2), each embedded and concatenated;
+* **"3 layers" = three weight layers**: ``embeddings -> [Linear -> norm -> ReLU] x 2 -> Linear``,
+  i.e. two normalized hidden layers and the softmax layer (``model.hidden_sizes`` sets the hidden
+  layers; ``[200]`` gives C&M's literal input/hidden/softmax network with a single norm);
+* training on the oracle's (configuration, transition) pairs of every training sentence the oracle
+  can derive: non-projective sentences are dropped from *training* and counted;
+* evaluation on *every* sentence by batched greedy decoding with legal-move masking, which always
+  yields a projective single-rooted tree; UAS/LAS count every word, with and without punctuation.
+
+Datasets: ``ewt`` (UD English-EWT v2.16, CoNLL-U, public; punctuation = gold UPOS ``PUNCT``) and
+``ptb`` (your own PTB conversion in CoNLL-X; punctuation = gold tag in ``data.punct_tags``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..config import ConfigError
+from ..data import DataFile, DatasetInfo, data_root, register_dataset, require_dataset
+from ..task import Stats, Task, TensorDataset, register_task
+from . import parsing_data as pd
+
+__all__ = ["ParsingTask", "MLPParser", "greedy_parse", "attachment_counts", "EWT_FILES"]
+
+# --- datasets -----------------------------------------------------------------------------------
+_EWT_COMMIT = "15d613d8447b3478787d4c278730a1e48a945efb"  # UD_English-EWT, v2.16
+_EWT_RAW = f"https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/{_EWT_COMMIT}/"
+#: split -> (file name, sha256), from shared/data/ud_english_ewt/SOURCE.md.
+EWT_FILES = {
+    "train": (
+        "en_ewt-ud-train.conllu",
+        "3fb78e2b55482c8ee00caa653af436c88c9e5bc9a73ce26e4ae3ddc79d2b7e7b",
+    ),
+    "valid": (
+        "en_ewt-ud-dev.conllu",
+        "531a54ff90d6ab12201c5a50c3e78e6ddac4de69abc4bce5d275d3cd29efe2b6",
+    ),
+    "test": (
+        "en_ewt-ud-test.conllu",
+        "e266e515a0a7547657ed3d90d9ba46487d6bd251f27ad4269d4e8a427c8555cd",
+    ),
+}
+register_dataset(
+    DatasetInfo(
+        name="ewt",
+        subdir="ud_english_ewt",
+        description="Universal Dependencies English Web Treebank v2.16 (CC BY-SA 4.0), CoNLL-U",
+        homepage="https://universaldependencies.org/treebanks/en_ewt/",
+        files=tuple(
+            DataFile(name=name, sha256=digest, urls=(_EWT_RAW + name,))
+            for name, digest in EWT_FILES.values()
+        ),
+    )
+)
+PUNCT_RULES = {
+    "ewt": "punctuation = gold UPOS PUNCT",
+    "ptb": "punctuation = gold PTB tag in data.punct_tags",
+}
+
+
+# --- the model ----------------------------------------------------------------------------------
+class MLPParser(nn.Module):
+    """Embeddings of the 48 features -> [Linear -> norm -> activation -> dropout] per hidden layer
+    -> Linear to transition scores.  Norms come from ``make_norm`` (the task's configured norm)."""
+
+    def __init__(
+        self,
+        num_words: int,
+        num_tags: int,
+        num_label_features: int,
+        num_transitions: int,
+        make_norm: Callable[[int], nn.Module],
+        *,
+        word_dim: int = 50,
+        tag_dim: int = 50,
+        label_dim: int = 50,
+        hidden_sizes: Sequence[int] = (200, 200),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not hidden_sizes or any(int(h) <= 0 for h in hidden_sizes):
+            raise ConfigError(f"model.hidden_sizes must be positive ints, got {hidden_sizes!r}")
+        if activation not in ("relu", "cube"):
+            raise ConfigError(f"model.activation must be 'relu' or 'cube', got {activation!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}")
+        self.activation = activation
+        self.word_embed = nn.Embedding(num_words, word_dim)
+        self.tag_embed = nn.Embedding(num_tags, tag_dim)
+        self.label_embed = nn.Embedding(num_label_features, label_dim)
+        width = (
+            pd.NUM_WORD_FEATURES * word_dim
+            + pd.NUM_TAG_FEATURES * tag_dim
+            + pd.NUM_LABEL_FEATURES * label_dim
+        )
+        self.linears = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        for size in hidden_sizes:
+            self.linears.append(nn.Linear(width, int(size)))
+            self.norms.append(make_norm(int(size)))
+            width = int(size)
+        self.dropout = nn.Dropout(dropout)  # never in place: norm outputs may carry hooks
+        self.output = nn.Linear(width, num_transitions)
+
+    def forward(self, features: Tensor) -> Tensor:
+        w_end = pd.NUM_WORD_FEATURES
+        t_end = w_end + pd.NUM_TAG_FEATURES
+        x = torch.cat(
+            [
+                self.word_embed(features[:, :w_end]).flatten(1),
+                self.tag_embed(features[:, w_end:t_end]).flatten(1),
+                self.label_embed(features[:, t_end:]).flatten(1),
+            ],
+            dim=1,
+        )
+        for linear, norm in zip(self.linears, self.norms, strict=True):
+            h = norm(linear(x))
+            h = torch.relu(h) if self.activation == "relu" else h * h * h
+            x = self.dropout(h)
+        return self.output(x)
+
+
+# --- decoding and scoring -----------------------------------------------------------------------
+def greedy_parse(
+    model: nn.Module, sentences: Sequence[pd.EncodedSentence], num_labels: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Parse ``sentences`` together: every unfinished sentence makes one transition per model
+    call, the best-scoring *legal* one.  Returns (heads, label indices) over words 1..n.
+
+    The UNK label (index 0, never a training target) is never predicted.
+    """
+    device = next(model.parameters()).device
+    states = [pd.ParseState(len(s)) for s in sentences]
+    words = [s.words.tolist() for s in sentences]
+    tags = [s.tags.tolist() for s in sentences]
+    num_transitions = 1 + 2 * num_labels
+    unk_arcs = torch.zeros(num_transitions, dtype=torch.bool)
+    unk_arcs[[1, 1 + num_labels]] = True
+    active = [i for i, st in enumerate(states) if not st.terminal]
+    while active:
+        feats = torch.tensor(
+            [pd.extract_features(states[i], words[i], tags[i]) for i in active], dtype=torch.long
+        )
+        legal = torch.tensor([pd.legal_moves(states[i]) for i in active], dtype=torch.bool)
+        allowed = (
+            torch.cat(
+                [
+                    legal[:, :1],
+                    legal[:, 1:2].expand(-1, num_labels),
+                    legal[:, 2:3].expand(-1, num_labels),
+                ],
+                dim=1,
+            )
+            & ~unk_arcs
+        )
+        scores = model(feats.to(device)).float().cpu()
+        best = scores.masked_fill(~allowed, -math.inf).argmax(1).tolist()
+        for i, transition in zip(active, best, strict=True):
+            pd.apply_transition(states[i], transition, num_labels)
+        active = [i for i in active if not states[i].terminal]
+    return [
+        (np.asarray(st.heads[1:], dtype=np.int64), np.asarray(st.labels[1:], dtype=np.int64) - 1)
+        for st in states
+    ]
+
+
+def attachment_counts(
+    gold: Iterable[pd.EncodedSentence], predicted: Iterable[tuple[np.ndarray, np.ndarray]]
+) -> Stats:
+    """Word counts and correct heads / heads+labels, over all words and over non-punctuation."""
+    out = {"words": 0.0, "words_excl_punct": 0.0, "uas_incl": 0.0, "las_incl": 0.0}
+    out.update({"uas_excl": 0.0, "las_excl": 0.0, "sentences": 0.0})
+    for sent, (heads, labels) in zip(gold, predicted, strict=True):
+        head_ok = heads == sent.heads
+        both_ok = head_ok & (labels == sent.labels)
+        keep = ~sent.punct
+        out["words"] += len(sent)
+        out["words_excl_punct"] += float(keep.sum())
+        out["uas_incl"] += float(head_ok.sum())
+        out["las_incl"] += float(both_ok.sum())
+        out["uas_excl"] += float((head_ok & keep).sum())
+        out["las_excl"] += float((both_ok & keep).sum())
+        out["sentences"] += 1
+    return out
+
+
+# --- the task -----------------------------------------------------------------------------------
+_TREEBANKS: dict[str, tuple[pd.Vocab, dict[str, list[pd.EncodedSentence]], dict[str, int]]] = {}
+
+
+class _Sentences(Dataset):
+    """Evaluation examples: whole sentences (decoding needs them, not single transitions)."""
+
+    def __init__(self, sentences: list[pd.EncodedSentence]) -> None:
+        self.sentences = sentences
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+    def __getitem__(self, index: int) -> pd.EncodedSentence:
+        return self.sentences[index]
+
+
+def _cache_root() -> Path:
+    import os
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "adanorm" / "parsing-features"
+
+
+@register_task("parsing")
+class ParsingTask(Task):
+    """Transition-based dependency parsing; valid metric: dev UAS without punctuation."""
+
+    datasets = ("ewt", "ptb")
+    valid_metric = "uas_excl_punct"
+    valid_mode = "max"
+    test_metric = "uas_excl_punct"
+    test_metric_label = "UAS (%), punctuation excluded"
+
+    def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
+        super().__init__(cfg, data_dir)
+        d = cfg["data"]
+        if self.dataset_name == "ewt":
+            rule = "gold UPOS PUNCT"
+        else:
+            rule = f"gold {self._pos_field()} tag in {{{' '.join(self._punct_tags())}}}"
+        self.punct_rule = rule
+        # An instance attribute: results.json then states the rule next to the number.
+        self.test_metric_label = f"UAS (%), punctuation excluded ({rule})"
+        self._min_word_count = int(d.get("min_word_count", 2))
+        self._lowercase = bool(d.get("lowercase", True))
+
+    # --- configuration helpers ------------------------------------------------------------------
+    def _pos_field(self) -> str:
+        field = str(self.cfg["data"].get("pos_field", "auto"))
+        if field == "auto":
+            return "xpos" if self.dataset_name == "ewt" else "postag"
+        allowed = ("upos", "xpos") if self.dataset_name == "ewt" else ("cpostag", "postag")
+        if field not in allowed:
+            raise ConfigError(
+                f"data.pos_field={field!r} is not valid for {self.dataset_name}; choose auto, "
+                f"{' or '.join(allowed)}"
+            )
+        return field
+
+    def _punct_tags(self) -> list[str]:
+        tags = self.cfg["data"].get("punct_tags", list(pd.DEFAULT_PTB_PUNCT_TAGS))
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ConfigError(f"data.punct_tags must be a list of tag strings, got {tags!r}")
+        return tags
+
+    def _files(self) -> dict[str, Path]:
+        d = self.cfg["data"]
+        if self.dataset_name == "ewt":
+            directory = require_dataset(
+                "ewt", self.data_dir, download=bool(d.get("download", False))
+            )
+            return {split: directory / name for split, (name, _) in EWT_FILES.items()}
+        directory = Path(d.get("ptb_dir") or data_root(self.data_dir) / "ptb").expanduser()
+        names = d.get("ptb_files") or {}
+        files = {}
+        for split, default in (
+            ("train", "train.conllx"),
+            ("valid", "dev.conllx"),
+            ("test", "test.conllx"),
+        ):
+            path = directory / str(names.get(split, default))
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"ptb: the {split} file {path} does not exist. The PTB is LDC-licensed and "
+                    f"not downloadable: put your CoNLL-X conversion (e.g. Stanford dependencies "
+                    f"of WSJ 02-21 / 22 / 23) at {directory} as train.conllx, dev.conllx and "
+                    f"test.conllx, or set data.ptb_dir and data.ptb_files."
+                )
+            files[split] = path
+        return files
+
+    def treebank(self) -> tuple[pd.Vocab, dict[str, list[pd.EncodedSentence]], dict[str, int]]:
+        """Vocab, encoded splits and counts: from this process's memory, else the feature cache
+        on disk, else built from the treebank files (and cached)."""
+        files = self._files()
+        pos_field = self._pos_field()
+        payload: dict[str, object] = {
+            "dataset": self.dataset_name,
+            "files": {s: pd.file_fingerprint(p) for s, p in files.items()},
+            "pos_field": pos_field,
+            "min_word_count": self._min_word_count,
+            "lowercase": self._lowercase,
+        }
+        if self.dataset_name == "ptb":
+            payload["punct_tags"] = self._punct_tags()
+        key = pd.cache_key(payload)
+        if key in _TREEBANKS:
+            return _TREEBANKS[key]
+        cache_dir = self.cfg["data"].get("cache_dir") or _cache_root()
+        cache_file = Path(cache_dir).expanduser() / f"{self.dataset_name}-{key}.npz"
+        if cache_file.exists():
+            loaded = pd.load_treebank(cache_file)
+        else:
+            if self.dataset_name == "ewt":
+                raw = {s: pd.read_conllu(p, pos_field) for s, p in files.items()}
+            else:
+                punct = self._punct_tags()
+                raw = {s: pd.read_conllx(p, pos_field, punct) for s, p in files.items()}
+            loaded = pd.featurize_treebank(raw, self._min_word_count, self._lowercase)
+            pd.save_treebank(cache_file, *loaded)
+        info = loaded[2]
+        print(
+            f"parsing/{self.dataset_name}: train {info['train_sentences']} sentences, "
+            f"{info['train_not_oracle_derivable']} dropped from training (non-projective or not "
+            f"single-rooted), {info['train_transitions']} oracle transitions; valid "
+            f"{info['valid_sentences']} / test {info['test_sentences']} sentences, all evaluated "
+            f"({self.punct_rule}); features cached in {cache_file}",
+            file=sys.stderr,
+            flush=True,
+        )
+        _TREEBANKS[key] = loaded
+        return loaded
+
+    # --- Task interface -------------------------------------------------------------------------
+    def dataset(self, split: str) -> Dataset:
+        if split not in ("train", "valid", "test"):
+            raise ValueError(f"unknown split {split!r}; choose train, valid or test")
+        _, splits, _ = self.treebank()
+        if split == "train":
+            usable = [s for s in splits["train"] if len(s.transitions)]
+            features = np.concatenate([s.features for s in usable])
+            transitions = np.concatenate([s.transitions for s in usable])
+            return TensorDataset(torch.from_numpy(features), torch.from_numpy(transitions))
+        return _Sentences(splits[split])
+
+    def collate(self, examples: Any) -> Any:
+        return examples  # a (features, transitions) batch, or a list of sentences
+
+    def build_model(self) -> nn.Module:
+        vocab, _, _ = self.treebank()
+        m = self.cfg["model"]
+        return MLPParser(
+            vocab.num_words,
+            vocab.num_tags,
+            1 + vocab.num_labels,
+            vocab.num_transitions,
+            self.make_norm,
+            word_dim=int(m.get("word_dim", 50)),
+            tag_dim=int(m.get("tag_dim", 50)),
+            label_dim=int(m.get("label_dim", 50)),
+            hidden_sizes=list(m.get("hidden_sizes", [200, 200])),
+            activation=str(m.get("activation", "relu")),
+            dropout=float(m.get("dropout", 0.0)),
+        )
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
+        features, transitions = batch
+        scores = model(features).float()
+        loss = nn.functional.cross_entropy(scores, transitions)
+        n = transitions.shape[0]
+        return loss, {
+            "loss_sum": float(loss.detach()) * n,
+            "correct": float((scores.detach().argmax(1) == transitions).sum()),
+            "n": float(n),
+        }
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        reduce: Callable[[Stats], Stats],
+        autocast: Callable[[], Any],
+    ) -> dict[str, float]:
+        """Oracle-transition loss (sentences the oracle can derive) and greedy-decoding UAS/LAS
+        (all sentences)."""
+        vocab, _, _ = self.treebank()
+        device = next(model.parameters()).device
+        total: Stats = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0}
+        with torch.no_grad():
+            for sentences in batches:
+                derivable = [s for s in sentences if len(s.transitions)]
+                if derivable:
+                    features = torch.from_numpy(np.concatenate([s.features for s in derivable]))
+                    gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
+                    with autocast():
+                        _, stats = self.loss(model, (features.to(device), gold.to(device)))
+                    for k, v in stats.items():
+                        total[k] += v
+                with autocast():
+                    predicted = greedy_parse(model, sentences, vocab.num_labels)
+                for k, v in attachment_counts(sentences, predicted).items():
+                    total[k] = total.get(k, 0.0) + v
+        return self.metrics(reduce(total))
+
+    def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
+        n = stats.get("n", 0.0)
+        out = {
+            "loss": stats["loss_sum"] / n if n else math.nan,
+            "transition_acc": 100.0 * stats["correct"] / n if n else math.nan,
+        }
+        if "words" in stats:
+            if stats["words"] <= 0:
+                raise ValueError("no words were evaluated (empty split?)")
+            excl = stats["words_excl_punct"]
+            out.update(
+                {
+                    "uas_excl_punct": 100.0 * stats["uas_excl"] / excl if excl else math.nan,
+                    "las_excl_punct": 100.0 * stats["las_excl"] / excl if excl else math.nan,
+                    "uas_incl_punct": 100.0 * stats["uas_incl"] / stats["words"],
+                    "las_incl_punct": 100.0 * stats["las_incl"] / stats["words"],
+                    "words": stats["words"],
+                    "words_excl_punct": excl,
+                    "sentences": stats["sentences"],
+                }
+            )
+        return out
