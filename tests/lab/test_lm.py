@@ -1,0 +1,294 @@
+"""Character-level LM task: Transformer-XL pieces, data protocols, memory and the engine end to end.
+
+Real data is used only where ADANORM_DATA is set; everything else runs on tiny synthetic data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import adanorm
+from adanorm.lab.config import load_config
+from adanorm.lab.data import ChecksumError, DataMissingError, require_dataset
+from adanorm.lab.task import get_task, register_task
+from adanorm.lab.tasks.lm import LMTask
+from adanorm.lab.tasks.lm_data import (
+    Corpus,
+    EvalStreams,
+    SegmentWindows,
+    enwik8_corpus,
+    read_enwik8_zip,
+)
+from adanorm.lab.tasks.lm_model import TransformerXL, attention_mask, rel_shift
+from adanorm.lab.trainer import Trainer
+
+REAL_DATA = os.environ.get("ADANORM_DATA")
+needs_real_data = pytest.mark.skipif(
+    not REAL_DATA, reason="ADANORM_DATA is not set (the real Tiny Shakespeare is not available)"
+)
+
+
+def tiny_model(norm: str = "layernorm", **kwargs) -> TransformerXL:
+    torch.manual_seed(0)
+    options = dict(vocab_size=11, n_layer=2, d_model=16, n_head=2, d_head=8, d_inner=32,
+                   dropout=0.0, dropatt=0.0, mem_len=8)
+    options.update(kwargs)
+    return TransformerXL(make_norm=lambda d: adanorm.make_norm(norm, d), **options).eval()
+
+
+# --- model pieces ---------------------------------------------------------------------------------
+def test_rel_shift_puts_distance_columns_under_their_keys() -> None:
+    qlen, mlen = 4, 3
+    klen = qlen + mlen
+    scores = torch.randn(2, qlen, klen)
+    shifted = rel_shift(scores)
+    for i in range(qlen):
+        for j in range(mlen + i + 1):  # keys a query may see; the rest is masked garbage
+            column = j + qlen - 1 - i  # column of distance mlen + i - j
+            assert shifted[:, i, j].equal(scores[:, i, column])
+
+
+def test_same_length_mask_gives_every_query_the_same_number_of_keys() -> None:
+    mask = attention_mask(5, 7, same_length=True, mem_len=7)
+    visible = (~mask).sum(dim=1)
+    assert visible.unique().numel() == 1 and int(visible[0]) == 7
+    causal = attention_mask(5, 7, same_length=False, mem_len=7)
+    assert (~causal).sum(dim=1).tolist() == [8, 9, 10, 11, 12]
+
+
+def test_memory_reproduces_attention_over_the_whole_sequence() -> None:
+    """Two segments with memory give the logits of one pass over both (memory >= segment)."""
+    model = tiny_model()
+    tokens = torch.randint(0, 11, (3, 12))
+    with torch.no_grad():
+        whole, _ = model(tokens, mem_len=12)
+        first, mems = model(tokens[:, :5], mem_len=12)
+        second, _ = model(tokens[:, 5:], mems, mem_len=12)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_model_is_causal_and_memory_is_detached() -> None:
+    model = tiny_model().train()
+    tokens = torch.randint(0, 11, (2, 9))
+    changed = tokens.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 11
+    with torch.no_grad():
+        a, _ = model.eval()(tokens)
+        b, _ = model(changed)
+    assert a[:, :6].allclose(b[:, :6]) and not a[:, 6:].allclose(b[:, 6:])
+    model.train()
+    _, mems = model(tokens)
+    assert len(mems) == 2 and all(not m.requires_grad and m.shape == (2, 8, 16) for m in mems)
+
+
+def test_clamp_len_only_matters_beyond_the_clamp() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, 11, (2, 10))
+    with torch.no_grad():
+        base, _ = model(tokens)
+        wide, _ = model(tokens, clamp_len=50)
+        narrow, _ = model(tokens, clamp_len=2)
+    assert base.allclose(wide)
+    assert base[:, :3].allclose(narrow[:, :3], atol=1e-6)  # distances <= 2 only
+    assert not base[:, 3:].allclose(narrow[:, 3:])
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.parametrize("norm", adanorm.available_norms())
+def test_every_norm_comes_from_make_norm(norm: str, pre_norm: bool) -> None:
+    made: list[nn.Module] = []
+
+    def make_norm(d: int) -> nn.Module:
+        made.append(adanorm.make_norm(norm, d))
+        return made[-1]
+
+    model = TransformerXL(vocab_size=7, n_layer=3, d_model=8, n_head=2, d_head=4, d_inner=16,
+                          dropout=0.1, dropatt=0.0, make_norm=make_norm, pre_norm=pre_norm,
+                          mem_len=4)
+    assert len(made) == 2 * 3 + (1 if pre_norm else 0)
+    used = {id(m) for m in model.modules()}
+    assert all(id(m) in used for m in made)
+    logits, _ = model(torch.randint(0, 7, (2, 5)))
+    logits.sum().backward()
+    assert model.word_emb.weight.grad is not None and logits.shape == (2, 5, 7)
+
+
+def test_bad_model_sizes_are_named() -> None:
+    with pytest.raises(ValueError, match="d_model"):
+        TransformerXL(vocab_size=5, n_layer=1, d_model=7, n_head=1, d_head=4, d_inner=8,
+                      dropout=0.0, dropatt=0.0, make_norm=nn.LayerNorm)
+
+
+# --- data -----------------------------------------------------------------------------------------
+def test_segment_windows_tile_the_split() -> None:
+    ids = torch.arange(50, dtype=torch.uint8)
+    windows = SegmentWindows(ids, tgt_len=8, context=8)
+    assert len(windows) == (50 - 1 - 8) // 8
+    batch = windows.__getitems__([0, 1, 4])
+    assert batch.dtype == torch.long and batch.shape == (3, 17)
+    assert batch[0].tolist() == list(range(17))
+    assert batch[1, 8:].tolist() == list(range(16, 25))  # next target segment follows on
+    with pytest.raises(IndexError):
+        windows.__getitems__([len(windows)])
+
+
+def test_eval_streams_cut_the_split_into_equal_rows() -> None:
+    streams = EvalStreams(torch.arange(23, dtype=torch.uint8), 4)
+    assert len(streams) == 4 and streams.__getitems__([1, 3]).tolist() == [
+        list(range(5, 10)), list(range(15, 20))]
+    with pytest.raises(ValueError, match="too short"):
+        EvalStreams(torch.arange(5, dtype=torch.uint8), 4)
+
+
+def fake_enwik8(sizes: tuple[int, int, int]) -> bytes:
+    generator = torch.Generator().manual_seed(0)
+    symbols = torch.tensor([10, 32, 60, 62, 97, 98, 99, 195, 169], dtype=torch.uint8)
+    picks = torch.randint(0, len(symbols), (sum(sizes),), generator=generator)
+    return bytes(symbols[picks].tolist())
+
+
+def write_zip(path: Path, member: str, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(member, data)
+    return path
+
+
+def test_enwik8_protocols_on_a_synthetic_zip(tmp_path: Path) -> None:
+    sizes = (900, 50, 50)
+    data = fake_enwik8(sizes)
+    archive = write_zip(tmp_path / "enwik8.zip", "enwik8", data)
+    read = read_enwik8_zip(archive, member_sha256=hashlib.sha256(data).hexdigest())
+    assert read == data
+
+    raw = enwik8_corpus(read, "raw", sizes)
+    assert (raw.vocab_size, raw.unit) == (256, "byte") and "newlines kept" in raw.protocol
+    assert bytes(raw.train.tolist()) == data[:900] and bytes(raw.test.tolist()) == data[950:]
+
+    txl = enwik8_corpus(read, "txl", sizes)
+    assert txl.vocab_size == 8 and txl.unit == "character" and "newlines dropped" in txl.protocol
+    stripped = [bytes(b for b in part if b != 10) for part in (data[:900], data[900:950],
+                                                               data[950:])]
+    order = sorted(set(b"".join(stripped)))
+    for encoded, part in zip((txl.train, txl.valid, txl.test), stripped, strict=True):
+        assert [order[i] for i in encoded.tolist()] == list(part)
+
+    with pytest.raises(ValueError, match="protocol 'bytes'"):
+        enwik8_corpus(read, "bytes", sizes)
+    with pytest.raises(ValueError, match="needs 1001"):
+        enwik8_corpus(read, "raw", (901, 50, 50))
+
+
+def test_enwik8_refuses_wrong_archives(tmp_path: Path) -> None:
+    archive = write_zip(tmp_path / "enwik8.zip", "enwik8", b"not wikipedia")
+    with pytest.raises(ChecksumError, match="not the Hutter Prize"):
+        read_enwik8_zip(archive)  # the real member checksum
+    with pytest.raises(ValueError, match="no member named 'enwik8'"):
+        read_enwik8_zip(write_zip(tmp_path / "other.zip", "readme", b"x"), member_sha256=None)
+    # The registry refuses the zip itself before anything reads it.
+    root = tmp_path / "root"
+    with pytest.raises(DataMissingError, match="enwik8.zip"):
+        require_dataset("enwik8", root)
+    write_zip(root / "enwik8" / "enwik8.zip", "enwik8", b"not wikipedia")
+    with pytest.raises(ChecksumError, match="547994d9"):
+        require_dataset("enwik8", root)
+
+
+def test_enwik8_needs_a_protocol() -> None:
+    cfg = load_config("lm", "paper", ["data.protocol=chars"])
+    with pytest.raises(ValueError, match="data.protocol must be one of raw, txl"):
+        LMTask(cfg)
+
+
+# --- criterion and evaluation ---------------------------------------------------------------------
+SYNTHETIC_TEXT = ("the quick brown fox jumps over the lazy dog. " * 60).encode()
+
+
+@register_task("lm-synthetic-test")
+class SyntheticLM(LMTask):
+    """The LM task on a repeated pangram, so the engine test needs no dataset files."""
+
+    datasets = ()
+
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            ids = torch.tensor(list(SYNTHETIC_TEXT), dtype=torch.uint8) - 32
+            n = ids.numel()
+            self._corpus = Corpus(ids[: int(0.8 * n)], ids[int(0.8 * n) : int(0.9 * n)],
+                                  ids[int(0.9 * n) :], 96, "character", "synthetic pangram")
+            self.test_metric_label = f"BPC per character [{self._corpus.protocol}]"
+        return self._corpus
+
+
+def synthetic_cfg(*overrides: str) -> dict:
+    cfg = load_config("lm", "smoke", ["data.max_examples=0", "data.eval_streams=4",
+                                      "data.eval_batch_size=2", *overrides])
+    cfg["task"] = "lm-synthetic-test"
+    cfg["data"]["name"] = "synthetic"
+    return cfg
+
+
+def test_training_loss_uses_memory_of_the_preceding_segment() -> None:
+    """With memory covering the warm-up, the loss equals that of one pass over the window."""
+    task = SyntheticLM(synthetic_cfg())
+    model = task.build_model().eval()
+    batch = task.collate(task.dataset("train").__getitems__([0, 3, 5]))
+    assert batch.shape == (3, 2 * task.tgt_len + 1)
+    loss, stats = task.loss(model, batch)
+    logits, _ = model(batch[:, :-1], mem_len=0)
+    expected = nn.functional.cross_entropy(
+        logits[:, task.tgt_len :].reshape(-1, 96), batch[:, task.tgt_len + 1 :].reshape(-1))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-4)
+    assert stats["symbols"] == 3 * task.tgt_len
+
+
+def test_evaluate_carries_memory_across_segments() -> None:
+    """Memory longer than a stream: segment-by-segment evaluation equals one full pass."""
+    task = SyntheticLM(synthetic_cfg("model.eval_mem_len=400", "model.eval_clamp_len=-1",
+                                     "model.eval_same_length=false", "model.eval_tgt_len=7"))
+    model = task.build_model().eval()
+    valid = task.dataset("valid")
+    streams = task.collate(valid.__getitems__(list(range(len(valid)))))
+    metrics = task.evaluate(model, [streams[:2], streams[2:]], lambda s: s,
+                            contextlib.nullcontext)
+    with torch.no_grad():
+        logits, _ = model(streams[:, :-1], mem_len=0)
+    nats = nn.functional.cross_entropy(logits.reshape(-1, 96), streams[:, 1:].reshape(-1))
+    assert metrics["symbols"] == streams[:, 1:].numel()
+    assert math.isclose(metrics["loss"], float(nats), rel_tol=1e-4)
+    assert math.isclose(metrics["bpc"], metrics["loss"] / math.log(2))
+
+
+# --- the engine, end to end -----------------------------------------------------------------------
+def test_smoke_training_through_the_engine(tmp_path: Path) -> None:
+    cfg = synthetic_cfg("train.max_steps=12", "train.eval_every=6", "optim.lr=0.01",
+                        "model.norm=adanorm", "model.norm_kwargs.scale=2")
+    results = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert results["test_metric_label"] == "BPC per character [synthetic pangram]"
+    assert results["steps"] == 12 and results["valid"]["bpc"] < math.log2(96)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["split"] for r in lines].count("valid") == 2
+    assert get_task("lm") is LMTask
+
+
+@needs_real_data
+def test_real_tiny_shakespeare_smoke_preset(tmp_path: Path) -> None:
+    cfg = load_config("lm", "smoke", ["train.max_steps=2", "train.eval_every=2"])
+    task = LMTask(cfg, REAL_DATA)
+    corpus = task.corpus()
+    assert corpus.vocab_size == 65
+    assert [t.numel() for t in (corpus.train, corpus.valid, corpus.test)] == [
+        1003854, 55769, 55771]
+    results = Trainer(cfg, tmp_path / "run", data_dir=REAL_DATA, progress=False).fit()
+    assert "tiny_shakespeare characters" in results["test_metric_label"]
+    assert results["valid"]["symbols"] == 64 * (55769 // 64 - 1)
