@@ -2,6 +2,7 @@
 modules to the import list below."""
 
 from . import digits, mnist  # noqa: F401
+from . import textcls  # noqa: F401
 from . import lm  # noqa: F401
 from . import parsing  # noqa: F401
 
