@@ -166,7 +166,8 @@ class _NormFunction(torch.autograd.Function):
                 out = out * weight.to(out.dtype)
             if bias is not None:
                 out = out + bias.to(out.dtype)
-        full_backward = not (detach_mean and detach_std)
+        # AdaNorm's phi(y) multiplies g even with both statistics detached, so it keeps x.
+        full_backward = not (detach_mean and detach_std) or scale is not None
         ctx.save_for_backward(
             x2d if full_backward else None,
             mean if full_backward else None,

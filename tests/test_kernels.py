@@ -1,0 +1,264 @@
+"""The fused kernels (adanorm._kernels) against the pure-PyTorch fallback and the float64 reference.
+
+The C++ CPU extension is built once per machine (about 20-50 s on 2 cores) on first use and cached;
+if no compiler is available the fast-path tests are skipped and the fallback test still runs.
+The Triton kernels are checked with triton's CPU interpreter where triton is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adanorm.functional as AF
+from adanorm import AdaNorm, DetachNorm, LayerNormSimple, _kernels
+from reference import reference_norm
+
+# Parameter-free variants, the ones the fused kernels serve.
+KERNEL_VARIANTS = {
+    "layernorm-simple": {},
+    "detachnorm": {"detach_mean": True, "detach_std": True},
+    "detach-mean": {"detach_mean": True},
+    "detach-std": {"detach_std": True},
+    "adanorm": {"scale": 2.0, "k": 0.1},
+    "adanorm-c1-detached": {"scale": 1.0, "k": 0.1, "detach_mean": True, "detach_std": True},
+}
+# float32 / reduced precision tolerances against float64: one fp32 rounding per element, or one
+# bf16/fp16 rounding of the output (and of the gradient) after float32 arithmetic.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture(scope="module")
+def fast_kernels():
+    if _kernels.extension_disabled():
+        pytest.skip("ADANORM_DISABLE_EXTENSION is set")
+    if not _kernels.cpu_kernels_ready():
+        pytest.skip("the C++ extension could not be built here (no compiler?)")
+    return True
+
+
+def _run(x: torch.Tensor, grad: torch.Tensor, kwargs: dict, std_mode: str, fallback: bool,
+         monkeypatch: pytest.MonkeyPatch):
+    if fallback:
+        monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    else:
+        monkeypatch.delenv("ADANORM_DISABLE_EXTENSION", raising=False)
+    x = x.detach().clone().requires_grad_()
+    if kwargs:
+        out = AF.normalize(x, x.shape[-1], std_mode=std_mode, **kwargs)
+    else:  # normalize() sends parameter-free LayerNorm to native F.layer_norm on purpose
+        out = AF.layer_norm_simple(x, x.shape[-1], std_mode=std_mode)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    return out, dx
+
+
+def _reference(x: torch.Tensor, grad: torch.Tensor, kwargs: dict, std_mode: str):
+    x64 = x.detach().double().requires_grad_()
+    out = reference_norm(x64, (x.shape[-1],), std_mode=std_mode, **kwargs)
+    (dx,) = torch.autograd.grad(out, x64, grad.double())
+    return out, dx
+
+
+def _max_error(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> float:
+    # Relative to the magnitude of the reference (|y| reaches sqrt(H)), or to ``scale`` if larger.
+    return ((a.double() - b).abs().max() / b.abs().max().clamp_min(scale)).item()
+
+
+def _gradient_scale(x: torch.Tensor, grad: torch.Tensor) -> float:
+    """max |g| / sigma: the size of the terms whose difference is dx.  In float32 they cancel to
+    a much smaller dx for tiny H (H = 2: y = +-1 exactly), so rounding is relative to this."""
+    x64 = x.double()
+    sigma = x64.var(-1, unbiased=False).add(1e-5).sqrt()
+    return (grad.double().abs().max() / sigma.min()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [1, 2, 7, 16, 33, 100, 300])
+@pytest.mark.parametrize("std_mode", ["biased", "unbiased"])
+@pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
+def test_fast_path_matches_fallback_and_float64(
+    fast_kernels, variant, std_mode, width, dtype, monkeypatch
+):
+    if std_mode == "unbiased" and width < 2:
+        pytest.skip("unbiased std needs H >= 2")
+    kwargs = KERNEL_VARIANTS[variant]
+    torch.manual_seed(width)
+    # A large mean relative to the spread checks the two-pass variance for cancellation.
+    x = (torch.randn(37, width) * 3 + 5).to(dtype)
+    grad = torch.randn(37, width).to(dtype)
+    fast_out, fast_dx = _run(x, grad, kwargs, std_mode, False, monkeypatch)
+    slow_out, slow_dx = _run(x, grad, kwargs, std_mode, True, monkeypatch)
+    ref_out, ref_dx = _reference(x, grad, kwargs, std_mode)
+    assert fast_out.dtype == dtype and fast_dx.dtype == dtype
+    tol = TOLERANCE[dtype]
+    gscale = _gradient_scale(x, grad)
+    assert _max_error(fast_out, ref_out) <= tol
+    assert _max_error(fast_dx, ref_dx, gscale) <= tol
+    assert _max_error(slow_out, ref_out) <= tol
+    # LayerNorm-simple's fallback is native F.layer_norm, which keeps mean/rstd in bf16/fp16 on
+    # CPU; at H = 2 (dx is a near-total cancellation) its gradient is off by ~20 % of scale.
+    native_limit = variant == "layernorm-simple" and dtype != torch.float32 and width <= 2
+    if not native_limit:
+        assert _max_error(slow_dx, ref_dx, gscale) <= tol
+        assert _max_error(fast_dx, slow_dx.double(), gscale) <= tol
+    # Fast and fallback agree with each other at least as well as each agrees with float64.
+    assert _max_error(fast_out, slow_out.double()) <= tol
+
+
+def test_fast_path_is_the_one_used(fast_kernels, monkeypatch):
+    calls = []
+    real = torch.ops.adanorm.norm
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args)
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.adanorm, "norm", Spy())
+    x = torch.randn(4, 8)
+    AF.ada_norm(x, 8)
+    AF.detach_norm(x, 8)
+    AF.layer_norm_simple(x, 8)
+    assert len(calls) == 3
+    # LayerNorm without affine stays on native F.layer_norm: bit-identical to nn.LayerNorm.
+    AF.layer_norm(x, 8)
+    AF.ada_norm(x.double(), 8)  # float64 is the reference path
+    assert len(calls) == 3
+    monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    AF.ada_norm(x, 8)
+    assert len(calls) == 3
+
+
+def test_shapes_layouts_and_modes(fast_kernels):
+    # 3-D input, a non-contiguous input, zero rows, inference mode, and 2-D normalized shapes.
+    x = torch.randn(6, 4, 20).transpose(0, 1)
+    assert not x.is_contiguous()
+    out = AF.ada_norm(x, 20)
+    ref = reference_norm(x, (20,), scale=1.0)
+    assert _max_error(out, ref) <= 2e-5
+    assert AF.detach_norm(torch.randn(0, 5), 5).shape == (0, 5)
+    with torch.inference_mode():
+        out = AdaNorm((4, 5))(torch.randn(3, 4, 5))
+    assert out.shape == (3, 4, 5)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    AdaNorm((4, 5), scale=2.0)(x).sum().backward()
+    ref_x = x.detach().double().requires_grad_()
+    reference_norm(ref_x, (4, 5), scale=2.0).sum().backward()
+    assert _max_error(x.grad, ref_x.grad) <= 2e-5
+
+
+def test_simple_matches_native_layer_norm(fast_kernels):
+    x = torch.randn(64, 96) * 4 - 2
+    torch.testing.assert_close(LayerNormSimple(96)(x), F.layer_norm(x, (96,)))
+
+
+def _saved(fn, x):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saved_for_backward(fast_kernels, dtype):
+    rows, width = 32, 64
+    x = torch.randn(rows, width, dtype=dtype, requires_grad=True)
+    # DetachNorm: one float per row, not even the input.
+    saved = _saved(lambda t: AF.detach_norm(t, width), x)
+    assert [(s.shape, s.dtype) for s in saved] == [((rows,), torch.float32)]
+    # AdaNorm and the single-flag ablations: the input itself plus two float32 per row.
+    ablation = lambda t: AF.detach_norm(t, width, detach_std=False)  # noqa: E731
+    for fn in (lambda t: AF.ada_norm(t, width), ablation):
+        saved = _saved(fn, x)
+        assert len(saved) == 3
+        assert saved[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        assert [(s.shape, s.dtype) for s in saved[1:]] == [((rows,), torch.float32)] * 2
+
+
+@pytest.mark.parametrize("module", [AdaNorm(24, scale=2.0), DetachNorm(24),
+                                    DetachNorm(24, detach_std=False), LayerNormSimple(24)])
+def test_compile_and_export_see_the_custom_op(fast_kernels, module):
+    torch._dynamo.reset()
+    x = torch.randn(5, 24, requires_grad=True)
+    eager = module(x)
+    (eager_dx,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(dx, eager_dx)
+    exported = torch.export.export(module, (torch.randn(5, 24),))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "adanorm.norm.default" in targets
+    torch.testing.assert_close(exported.module()(x.detach()), eager.detach())
+
+
+def test_cache_holds_the_built_library(fast_kernels):
+    built = list(_kernels.build_directory().glob("adanorm_cpu_*.so"))
+    assert built, f"no library cached under {_kernels.build_directory()}"
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch):
+    def broken_build():
+        raise RuntimeError("simulated compiler error")
+
+    monkeypatch.delenv("ADANORM_DISABLE_EXTENSION", raising=False)
+    monkeypatch.setattr(_kernels, "_cpu_state", None)
+    monkeypatch.setattr(_kernels, "_load_cpu_library", broken_build)
+    x = torch.randn(9, 12, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = AF.ada_norm(x, 12)
+        second = AF.detach_norm(x, 12)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "simulated compiler error" in messages[0]
+    assert _max_error(first, reference_norm(x, (12,), scale=1.0)) <= 2e-5
+    assert _max_error(second, reference_norm(x, (12,))) <= 2e-5
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path):
+    script = textwrap.dedent(
+        """
+        import warnings, torch
+        import adanorm.functional as AF
+        x = torch.randn(4, 10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                out = AF.ada_norm(x, 10)
+        runtime = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(runtime) == 1 and "no C++ compiler" in runtime[0], runtime
+        assert not hasattr(torch.ops.adanorm, "norm_forward")
+        print("ok")
+        """
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": str(tmp_path / "no-such-c++"),
+           "ADANORM_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("ADANORM_DISABLE_EXTENSION", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def test_triton_modules_are_not_imported_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    script = (
+        "import sys, torch, adanorm.functional as AF; AF.ada_norm(torch.randn(2, 8), 8); "
+        "assert 'triton' not in sys.modules and 'adanorm._kernels.triton_norm' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
