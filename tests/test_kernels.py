@@ -262,3 +262,62 @@ def test_triton_modules_are_not_imported_without_cuda():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---- Triton kernels, through triton's CPU interpreter -----------------------------------------
+
+_TRITON_INTERPRETER_CHECK = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    sys.path.insert(0, {tests_dir!r})
+    import torch
+    from reference import reference_norm
+    from adanorm._kernels import triton_norm
+    variants = {variants!r}
+    tolerance = {{torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 5e-3}}
+    failures = []
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for width in (1, 7, 33, 130):
+            for std_mode in ("biased", "unbiased"):
+                if std_mode == "unbiased" and width < 2:
+                    continue
+                for name, kwargs in variants.items():
+                    x = (torch.randn(6, width) * 3 + 2).to(dtype).requires_grad_()
+                    g = torch.randn(6, width).to(dtype)
+                    out = triton_norm.norm(
+                        x, 1e-5, std_mode == "unbiased", kwargs.get("detach_mean", False),
+                        kwargs.get("detach_std", False), kwargs.get("scale"), kwargs.get("k", 0.1))
+                    (dx,) = torch.autograd.grad(out, x, g)
+                    x64 = x.detach().double().requires_grad_()
+                    ref = reference_norm(x64, (width,), std_mode=std_mode, **kwargs)
+                    (ref_dx,) = torch.autograd.grad(ref, x64, g.double())
+                    sigma = x64.detach().var(-1, unbiased=False).add(1e-5).sqrt()
+                    gscale = max(1.0, (g.double().abs().max() / sigma.min()).item())
+                    scale_out = ref.abs().max().clamp_min(1)
+                    err_out = ((out.double() - ref).abs().max() / scale_out).item()
+                    err_dx = ((dx.double() - ref_dx).abs().max() / gscale).item()
+                    if out.dtype != dtype or max(err_out, err_dx) > tolerance[dtype]:
+                        failures.append((str(dtype), width, std_mode, name, err_out, err_dx))
+    # Fake kernels and the registered autograd formula: traced without a graph break.
+    module = lambda t: triton_norm.norm(t, 1e-5, False, False, False, 2.0, 0.1)
+    x = torch.randn(4, 16, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    (dx_compiled,) = torch.autograd.grad(compiled(x).sum(), x)
+    (dx_eager,) = torch.autograd.grad(module(x).sum(), x)
+    torch.testing.assert_close(dx_compiled, dx_eager)
+    assert not failures, failures
+    print("ok")
+    """
+)
+
+
+def test_triton_kernels_in_the_cpu_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed; the GPU kernels go untested")
+    script = _TRITON_INTERPRETER_CHECK.format(
+        tests_dir=os.path.dirname(os.path.abspath(__file__)), variants=KERNEL_VARIANTS
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

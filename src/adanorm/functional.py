@@ -239,9 +239,7 @@ def _fast_kernel_norm(
         if ready:
             return torch.ops.adanorm.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
     elif x2d.device.type == "cuda" and _kernels.cuda_kernels_ready():
-        return torch.ops.adanorm_triton.norm(
-            x2d, eps, unbiased, detach_mean, detach_std, scale, k
-        )
+        return _kernels.cuda_norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
     return None
 
 

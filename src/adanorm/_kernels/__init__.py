@@ -30,6 +30,7 @@ __all__ = [
     "cpu_kernels_loaded",
     "extension_disabled",
     "cuda_kernels_ready",
+    "cuda_norm",
     "build_directory",
     "SOURCE_PATH",
 ]
@@ -40,6 +41,7 @@ _DISABLE_ENV = "ADANORM_DISABLE_EXTENSION"
 # None: not tried yet; True/False: the outcome of the one attempt this process makes.
 _cpu_state: bool | None = None
 _cuda_state: bool | None = None
+_triton_module = None  # adanorm._kernels.triton_norm once imported (CUDA machines only)
 
 
 def extension_disabled() -> bool:
@@ -187,8 +189,9 @@ def cuda_kernels_ready() -> bool:
         return _cuda_state
     if extension_disabled() or not torch.cuda.is_available():
         return False
+    global _triton_module
     try:
-        from . import triton_norm  # noqa: F401  (registers the adanorm_triton ops)
+        from . import triton_norm  # registers the adanorm_triton ops
     except Exception as error:
         _cuda_state = False
         warnings.warn(
@@ -198,5 +201,22 @@ def cuda_kernels_ready() -> bool:
             stacklevel=3,
         )
         return False
+    _triton_module = triton_norm
     _cuda_state = True
     return True
+
+
+def cuda_norm(
+    x2d: torch.Tensor,
+    eps: float,
+    unbiased: bool,
+    detach_mean: bool,
+    detach_std: bool,
+    scale: float | None,
+    k: float,
+) -> torch.Tensor | None:
+    """The Triton kernels on a CUDA (rows, H) tensor, or None where they do not apply (rows wider
+    than triton_norm.MAX_WIDTH).  Call only after :func:`cuda_kernels_ready` returned True."""
+    if _triton_module is None or not _triton_module.supports(x2d):
+        return None
+    return _triton_module.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
