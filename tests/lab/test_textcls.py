@@ -284,3 +284,37 @@ def test_real_rt_smoke_run(tmp_path: Path) -> None:
     results = Trainer(cfg, tmp_path / "run", data_dir=str(_data_root()), argv=["test"]).fit()
     assert results["dataset"] == "rt" and 0.0 <= results["test"]["acc"] <= 100.0
     assert (tmp_path / "run" / "config.yaml").read_text().count("protocol: split") == 1
+
+
+# --- choosing AdaNorm's C on validation ---------------------------------------------------------
+def _fake_run(dataset: str, norm: str, scale: float | None, seed: int, valid: float, test: float):
+    return {
+        "dataset": dataset,
+        "norm": norm,
+        "norm_kwargs": {} if scale is None else {"scale": scale},
+        "seed": seed,
+        "valid_metric": "acc",
+        "test_metric": "acc",
+        "valid_mode": "max",
+        "valid": {"acc": valid},
+        "test": {"acc": test},
+    }
+
+
+def test_adanorm_scale_is_chosen_on_mean_validation_not_test() -> None:
+    from adanorm.lab.tasks.textcls_select import choose_scales
+
+    runs = [
+        _fake_run("rt", "adanorm", 1.0, 1, 70.0, 90.0),
+        _fake_run("rt", "adanorm", 1.0, 2, 72.0, 90.0),
+        _fake_run("rt", "adanorm", 2.0, 1, 73.0, 60.0),
+        _fake_run("rt", "adanorm", 2.0, 2, 71.0, 60.0),  # mean valid 72 > 71: C=2 despite test
+        _fake_run("sst5", "adanorm", 1.0, 1, 40.0, 30.0),
+        _fake_run("sst5", "adanorm", 2.0, 1, 40.0, 50.0),  # a tie goes to the smaller C
+        _fake_run("rt", "layernorm", None, 1, 99.0, 99.0),
+    ]
+    chosen, rows = choose_scales(runs)
+    assert chosen == {"rt": 2.0, "sst5": 1.0}
+    rt2 = next(r for r in rows if r["dataset"] == "rt" and r["scale"] == 2.0)
+    assert rt2["valid_mean"] == 72.0 and rt2["n"] == 2 and rt2["chosen"]
+    assert len(rows) == 4  # LayerNorm is not a candidate

@@ -1,0 +1,151 @@
+"""Choose AdaNorm's C on the validation set, then report the five norms beside the paper.
+
+The paper reports one AdaNorm number per column, with C a hyper-parameter (paper.md §3.6).  A sweep
+run with ``--scales 1,2`` holds AdaNorm at every C; this picks, per dataset, the C with the highest
+*mean validation accuracy over seeds* (test accuracy is never looked at), and writes:
+
+* ``<out>/runs/``: the light files of every run (config, provenance, metrics, results; no
+  checkpoints), so the numbers can be re-derived;
+* ``<out>/adanorm_C_selection.md``: mean validation / test accuracy per C and the chosen C;
+* ``<out>/report.md``, ``report.csv``, ``loss_curves_<dataset>.png``: the lab report
+  (:mod:`adanorm.lab.report`) over LayerNorm, LayerNorm-simple, w/o Norm, DetachNorm and AdaNorm
+  at the chosen C;
+* ``<out>/all_scales/``: the same report with every C as its own row.
+
+Usage: ``python -m adanorm.lab.tasks.textcls_select SWEEP_DIR OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_write_text
+from ..report import collect_runs, write_report
+
+__all__ = ["choose_scales", "select_and_report"]
+
+LIGHT_FILES = ("config.yaml", "run.json", "results.json", "metrics.jsonl", "train.log")
+
+
+def _scale(run: dict[str, Any]) -> float | None:
+    if run["norm"] != "adanorm":
+        return None
+    return float((run.get("norm_kwargs") or {}).get("scale", 1.0))
+
+
+def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Per dataset, the AdaNorm C with the best mean validation metric; and one summary row per
+    (dataset, C).  Ties go to the smaller C."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        scale = _scale(run)
+        if scale is not None:
+            groups[(run["dataset"], scale)].append(run)
+    rows = []
+    for (dataset, scale), members in sorted(groups.items()):
+        valid_key, test_key = members[0]["valid_metric"], members[0]["test_metric"]
+        valid = [float(m["valid"][valid_key]) for m in members]
+        test = [float(m["test"][test_key]) for m in members]
+        rows.append(
+            {
+                "dataset": dataset,
+                "scale": scale,
+                "n": len(members),
+                "valid_mean": statistics.fmean(valid),
+                "valid_std": statistics.stdev(valid) if len(valid) > 1 else None,
+                "test_mean": statistics.fmean(test),
+                "test_std": statistics.stdev(test) if len(test) > 1 else None,
+                "higher_is_better": members[0].get("valid_mode", "max") == "max",
+            }
+        )
+    chosen: dict[str, float] = {}
+    for dataset in sorted({r["dataset"] for r in rows}):
+        candidates = [r for r in rows if r["dataset"] == dataset]
+        sign = 1.0 if candidates[0]["higher_is_better"] else -1.0
+        best = max(candidates, key=lambda r: (sign * r["valid_mean"], -r["scale"]))
+        chosen[dataset] = best["scale"]
+    for row in rows:
+        row["chosen"] = chosen[row["dataset"]] == row["scale"]
+    return chosen, rows
+
+
+def _copy_light(run_dir: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in LIGHT_FILES:
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, target / name)
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
+    """Copy the runs, choose C per dataset on validation, write the reports; return the Cs."""
+    runs = collect_runs(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no finished runs (results.json files) below {sweep_dir}")
+    chosen, rows = choose_scales(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_out = out / "runs"
+    for run in runs:
+        relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
+        _copy_light(Path(run["run_dir"]), runs_out / relative)
+
+    lines = [
+        "# AdaNorm's C, chosen on the validation set",
+        "",
+        "Per dataset, the C with the highest mean validation accuracy over seeds (ties: the "
+        "smaller C). Test accuracy is shown for information only; it played no part in the "
+        "choice.",
+        "",
+        "| dataset | C | seeds | valid acc (mean ± std) | test acc (mean ± std) | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['scale']:g} | {r['n']} | {_fmt(r['valid_mean'])} ± "
+            f"{_fmt(r['valid_std'])} | {_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | "
+            f"{'**yes**' if r['chosen'] else ''} |"
+        )
+    atomic_write_text(out / "adanorm_C_selection.md", "\n".join(lines) + "\n")
+
+    write_report(runs_out, out / "all_scales")
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            scale = _scale(run)
+            if scale is not None and scale != chosen[run["dataset"]]:
+                continue
+            relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
+            _copy_light(Path(run["run_dir"]), Path(tmp) / relative)
+        report = write_report(Path(tmp), out)
+    title = ", ".join(f"{d}: C={c:g}" for d, c in sorted(chosen.items()))
+    markdown = report.markdown.replace(
+        report.markdown.splitlines()[0],
+        f"# Results: the five norms, AdaNorm at the C chosen on validation ({title})",
+        1,
+    )
+    atomic_write_text(out / "report.md", markdown)
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory (adanorm sweep --out)")
+    parser.add_argument("out", type=Path, help="where the runs and reports are written")
+    args = parser.parse_args(argv)
+    chosen = select_and_report(args.sweep_dir, args.out)
+    for dataset, scale in sorted(chosen.items()):
+        print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation accuracy)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
