@@ -291,6 +291,11 @@ def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
     finally:
         parsing_module._TREEBANKS.update(first)
     assert cache_file.exists()
+    # The figure-2 plot (AdaNorm vs LayerNorm losses) reads the finished run.
+    from adanorm.lab.tasks.parsing_plots import plot_figure2
+
+    png = plot_figure2(tmp_path, tmp_path / "figure2.png", dataset="ptb")
+    assert png.stat().st_size > 1000
 
 
 def test_training_beats_the_untrained_parser_by_far(tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""The paper's figure 2 for the parsing task: train and valid loss of AdaNorm vs LayerNorm.
+
+``python -m adanorm.lab.tasks.parsing_plots SWEEP_DIR OUT.png [--dataset ewt]`` reads every
+finished run (``results.json`` + ``metrics.jsonl``) of LayerNorm and AdaNorm under ``SWEEP_DIR``
+and draws two panels on a linear axis against epochs, as the paper does: the per-transition
+training loss (logged every ``train.log_every`` updates, dropout on) and the per-transition
+validation loss on the oracle transitions of the dev sentences (dropout off).  Lines are means over
+seeds, bands span the lowest to the highest seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from ..plots import NORM_COLORS, display_name, read_metrics
+
+__all__ = ["plot_figure2", "main"]
+
+NORMS = ("layernorm", "adanorm")
+
+
+def _runs(sweep: Path, dataset: str) -> dict[str, list[tuple[float, list[dict]]]]:
+    """norm label -> [(updates per epoch, metrics records)] for LayerNorm and AdaNorm runs."""
+    out: dict[str, list[tuple[float, list[dict]]]] = defaultdict(list)
+    for path in sorted(sweep.rglob("results.json")):
+        result = json.loads(path.read_text(encoding="utf-8"))
+        if result["dataset"] != dataset or result["norm"] not in NORMS:
+            continue
+        per_epoch = result["steps"] / max(result["epochs_completed"], 1)
+        out[result["norm_label"]].append((per_epoch, read_metrics(path.parent / "metrics.jsonl")))
+    return out
+
+
+def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = _runs(sweep, dataset)
+    if not runs:
+        raise FileNotFoundError(f"no finished LayerNorm or AdaNorm runs on {dataset} in {sweep}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    for ax, split in zip(axes, ("train", "valid"), strict=True):
+        for label in sorted(runs, key=lambda lab: NORMS.index(lab.partition("(")[0])):
+            members = runs[label]
+            curves = [
+                {r["step"]: r["loss"] for r in records if r.get("split") == split}
+                for _, records in members
+            ]
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            if not steps:
+                continue
+            values = np.asarray([[c[s] for s in steps] for c in curves])
+            epochs = np.asarray(steps) / members[0][0]
+            color = NORM_COLORS.get(label.partition("(")[0])
+            name = f"{display_name(label)} (n={len(members)})"
+            ax.plot(
+                epochs,
+                values.mean(0),
+                color=color,
+                lw=1.6,
+                label=name,
+                marker="o" if len(steps) <= 12 else None,
+                ms=3,
+            )
+            if len(members) > 1:
+                ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{split} loss (per transition)")
+        ax.set_title(f"{dataset}: {split} loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--dataset", default="ewt")
+    args = parser.parse_args(argv)
+    print(plot_figure2(args.sweep, args.out, args.dataset))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
