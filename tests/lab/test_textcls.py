@@ -201,6 +201,23 @@ def test_task_model_uses_the_configured_norm(synthetic_data: None) -> None:
     assert len(ada) == 9 and all(m.scale == 2.0 for m in ada)
 
 
+def test_self_attention_equals_torch_multihead_attention() -> None:
+    torch.manual_seed(0)
+    ours = textcls.SelfAttention(16, 4, dropout=0.0)
+    reference = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(ours.in_proj.weight)
+        reference.in_proj_bias.copy_(ours.in_proj.bias)
+        reference.out_proj.weight.copy_(ours.out_proj.weight)
+        reference.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(3, 7, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    pad[2, 1:] = True
+    expected, _ = reference(x, x, x, key_padding_mask=pad, need_weights=False)
+    assert torch.allclose(ours(x, pad), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_padding_does_not_change_the_prediction(pooling: str) -> None:
     torch.manual_seed(0)
