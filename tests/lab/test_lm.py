@@ -292,3 +292,24 @@ def test_real_tiny_shakespeare_smoke_preset(tmp_path: Path) -> None:
     results = Trainer(cfg, tmp_path / "run", data_dir=REAL_DATA, progress=False).fit()
     assert "tiny_shakespeare characters" in results["test_metric_label"]
     assert results["valid"]["symbols"] == 64 * (55769 // 64 - 1)
+
+
+def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
+    from adanorm.lab.tasks.lm_plots import bpc_curves, plot_bpc_figure
+
+    for norm, offset in (("layernorm", 0.0), ("layernorm-simple", 0.1)):
+        for seed in (1, 2):
+            run = tmp_path / "sweep" / "tiny_shakespeare" / norm / f"seed{seed}"
+            run.mkdir(parents=True)
+            with open(run / "metrics.jsonl", "w") as fh:
+                for step in (10, 20, 30):
+                    for split in ("train", "valid"):
+                        bpc = 3.0 - step / 20 + offset + seed / 100
+                        fh.write(json.dumps({"split": split, "step": step, "bpc": bpc}) + "\n")
+    runs = [[{"split": "train", "step": 1, "bpc": 2.0}, {"split": "train", "step": 2, "bpc": 1.0}],
+            [{"split": "train", "step": 2, "bpc": 3.0}]]
+    assert bpc_curves(runs, "train") == ([2], [[1.0], [3.0]])
+    out = plot_bpc_figure(tmp_path / "sweep", tmp_path / "fig.png")
+    assert out.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no runs"):
+        plot_bpc_figure(tmp_path / "sweep", tmp_path / "x.png", norms=("adanorm",))
