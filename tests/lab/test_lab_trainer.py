@@ -214,3 +214,14 @@ def test_mnist_smoke_run_learns(tmp_path: Path) -> None:
     result = train(tmp_path / "mnist", task="mnist")
     assert result["dataset"] == "mnist" and result["steps"] == 40
     assert result["test"]["acc"] > 50  # tiny CNN, 40 updates on 2,048 examples; chance is 10 %
+
+
+def test_a_second_trainer_in_the_same_directory_is_refused(tmp_path: Path) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running trainer holds it
+        with pytest.raises(RunDirError, match="another process is training"):
+            train(run_dir)
+    train(run_dir)  # the lock is gone with its holder

@@ -247,6 +247,35 @@ class Trainer:
             )
         raise ConfigError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
 
+    def _lock_run_dir(self) -> None:
+        """Refuse a second trainer in the same directory (e.g. two sweeps over one output).
+
+        The lock is an advisory ``flock`` on ``.lock``: the OS drops it when the process dies,
+        even by ``kill -9``, so a crashed run never leaves a stale lock behind.
+        """
+        self._lock_file = None
+        if not self.dist.is_main:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.run_dir / ".lock", "a")  # noqa: SIM115 (held for the whole run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunDirError(
+                f"another process is training in {self.run_dir} (it holds {self.run_dir}/.lock)"
+            ) from None
+        self._lock_file = handle
+
+    def _unlock_run_dir(self) -> None:
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     def _prepare_run_dir(self) -> bool:
         """Check the run directory; return True if a checkpoint should be resumed."""
         last = self.run_dir / LAST
@@ -484,8 +513,14 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train (or resume), then evaluate the best checkpoint; return the final results."""
+        self._lock_run_dir()
+        try:
+            return self._fit(self._prepare_run_dir())
+        finally:
+            self._unlock_run_dir()
+
+    def _fit(self, resume_from_checkpoint: bool) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg["train"]
-        resume_from_checkpoint = self._prepare_run_dir()
         self._write_provenance()
 
         seed_everything(cfg["seed"])
