@@ -123,6 +123,23 @@ def test_every_norm_comes_from_make_norm(norm: str, pre_norm: bool) -> None:
     assert model.word_emb.weight.grad is not None and logits.shape == (2, 5, 7)
 
 
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_full_backward_hooks_on_norms_see_every_gradient(pre_norm: bool) -> None:
+    """No norm output is modified in place: full backward hooks (gradient statistics) work."""
+    model = tiny_model("layernorm-simple", pre_norm=pre_norm).train()
+    norms = [m for m in model.modules() if isinstance(m, type(adanorm.make_norm(
+        "layernorm-simple", 16)))]
+    seen: list[torch.Tensor] = []
+    for norm in norms:
+        norm.register_full_backward_hook(lambda mod, gin, gout: seen.append(gout[0]))
+    tokens = torch.randint(0, 11, (2, 6))
+    _, mems = model(tokens)
+    logits, _ = model(tokens, mems)
+    logits.square().mean().backward()
+    assert len(norms) == (5 if pre_norm else 4) and len(seen) == len(norms)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in seen)
+
+
 def test_bad_model_sizes_are_named() -> None:
     with pytest.raises(ValueError, match="d_model"):
         TransformerXL(vocab_size=5, n_layer=1, d_model=7, n_head=1, d_head=4, d_inner=8,
