@@ -440,14 +440,14 @@ def analyze(
         for seed in range(1, seeds + 1):
             kwargs = {"scale": 1.0} if norm == "adanorm" else {}
             runs.append(run_variant(task, preset, norm, seed=seed, norm_kwargs=kwargs, **common))
-    tables = {
-        "theorem1": theorem1_table(runs, out),
-        "generalization": generalization_table(runs, out),
-    }
-    for run in runs:
-        if run.seed == 1:
-            plot_gradstats(run, out)
-    plot_curves(runs, out, "loss_curves", f"{task}: train and valid loss per norm")
+    tables: dict[str, str] = {}
+    if runs:
+        tables["theorem1"] = theorem1_table(runs, out)
+        tables["generalization"] = generalization_table(runs, out)
+        for run in runs:
+            if run.seed == 1:
+                plot_gradstats(run, out)
+        plot_curves(runs, out, "loss_curves", f"{task}: train and valid loss per norm")
 
     if scales:
         sweep = [
