@@ -5,7 +5,8 @@ finished run (``results.json`` + ``metrics.jsonl``) of LayerNorm and AdaNorm und
 and draws two panels on a linear axis against epochs, as the paper does: the per-transition
 training loss (logged every ``train.log_every`` updates, dropout on) and the per-transition
 validation loss on the oracle transitions of the dev sentences (dropout off).  Lines are means over
-seeds, bands span the lowest to the highest seed.
+seeds, bands span the lowest to the highest seed.  The train panel's y axis starts at a quarter
+epoch (the first updates' loss is ~10x larger).
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
             )
             if len(members) > 1:
                 ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
+        if split == "train" and ax.lines:
+            # The first updates (loss ~3.5) would flatten everything after them: the axis shows
+            # the range from a quarter epoch on, as the paper's 0-0.30 axis does.
+            later = [
+                y
+                for line in ax.lines
+                for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)
+                if x >= 0.25
+            ]
+            if later:
+                ax.set_ylim(0.0, 1.05 * max(later))
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{split} loss (per transition)")
         ax.set_title(f"{dataset}: {split} loss")
