@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="adanorm-demo", help="output directory (default ./adanorm-demo)"
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds per norm (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the demo's models are too small to gain from more)",
+    )
 
     p = sub.add_parser("download", help="download and verify a dataset")
     p.add_argument("dataset")

@@ -23,7 +23,7 @@ def run_demo(
     out: Path,
     *,
     seeds: int = 3,
-    threads: int = 2,
+    threads: int = 1,
     norms: Sequence[str] = PAPER_NORMS,
     preset: str = "cpu",
     verbose: bool = True,
