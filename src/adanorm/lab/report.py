@@ -155,7 +155,8 @@ def write_report(root: Path, out: Path | None = None) -> Report:
     metric_notes = sorted({f"{r['dataset']}: test {r['_label']}" for r in rows})
     lines.append(
         f"Metric: {'; '.join(metric_notes)}. Cells: mean ± sample std over n seeds "
-        f"(best checkpoint by the validation metric), then the paper's number."
+        f"(best checkpoint by the validation metric), then the paper's number where the "
+        "paper has the dataset."
     )
     lines.append("")
     header = (
