@@ -40,7 +40,8 @@ def test_analyze_checks_theorem1_on_real_training(tmp_path):
     assert depths == {"1", "3"}
     assert (tmp_path / "gradstats_adanorm-C1.png").stat().st_size > 10_000
     # The statistics are logged in each run's metrics.jsonl, every 2 updates.
-    lines = [json.loads(line) for line in open(tmp_path / "runs/detachnorm_s1/metrics.jsonl")]
+    text = (tmp_path / "runs/detachnorm_s1/metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
     steps = [line["step"] for line in lines if line["split"] == "gradstats"]
     assert steps == [1, 3, 5, 7]
 
