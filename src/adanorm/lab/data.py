@@ -30,6 +30,7 @@ __all__ = [
     "get_dataset_info",
     "available_datasets",
     "data_root",
+    "user_cache_dir",
     "sha256_of",
     "verify_file",
     "require_dataset",
@@ -140,10 +141,11 @@ def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     env = os.environ.get("ADANORM_DATA")
     if env:
         return Path(env).expanduser()
-    return _cache_dir()
+    return user_cache_dir()
 
 
-def _cache_dir() -> Path:
+def user_cache_dir() -> Path:
+    """The per-user cache directory: ``$XDG_CACHE_HOME/adanorm``, else ``~/.cache/adanorm``."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "adanorm"
 
@@ -189,7 +191,7 @@ def _how_to_get(info: DatasetInfo, root: Path) -> str:
     return (
         f"Get it with `adanorm download {info.name} --data-dir {root}` (downloads from {source} "
         f"and checks sha256), or copy the files into {root / info.subdir}. The data root comes "
-        f"from --data-dir, else $ADANORM_DATA, else {_cache_dir()}."
+        f"from --data-dir, else $ADANORM_DATA, else {user_cache_dir()}."
     )
 
 

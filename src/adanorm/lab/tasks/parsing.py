@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from ..data import DataFile, DatasetInfo, data_root, register_dataset, require_dataset
+from ..data import (
+    DataFile,
+    DatasetInfo,
+    data_root,
+    register_dataset,
+    require_dataset,
+    user_cache_dir,
+)
 from ..task import Stats, Task, TensorDataset, register_task
 from . import parsing_data as pd
 
@@ -218,10 +225,7 @@ class _Sentences(Dataset):
 
 
 def _cache_root() -> Path:
-    import os
-
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "adanorm" / "parsing-features"
+    return user_cache_dir() / "parsing-features"
 
 
 @register_task("parsing")
