@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, load_config
 
 __all__ = ["main", "build_parser"]
 
@@ -123,7 +123,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .trainer import Trainer
 
     overrides = _overrides(args)
@@ -160,13 +159,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             scales = [float(s) for s in parse_list(args.scales, "scales")]
         except ValueError as exc:
             raise ConfigError(f"--scales must be numbers, got {args.scales!r}") from exc
+    if args.datasets:
+        datasets = parse_list(args.datasets, "datasets")
+    else:  # the preset's own dataset (after any --set data.name=...)
+        datasets = [str(load_config(args.task, args.preset, _overrides(args))["data"]["name"])]
     runs = plan_sweep(
         args.task,
         out,
         parse_list(args.norms, "norms"),
         parse_seeds(args.seeds),
         scales,
-        parse_list(args.datasets, "datasets") if args.datasets else None,
+        datasets,
     )
     outcomes = run_sweep(
         args.task,

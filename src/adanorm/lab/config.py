@@ -78,9 +78,15 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "amp": "none",  # none | bf16 | fp16 (fp16 on CUDA only)
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "threads": 1,  # torch intra-op threads per process
+        # >0: the final model is the average of the weights at the last N evaluations (fairseq's
+        # average_checkpoints.py over the last N saved checkpoints) instead of the best one.
+        "average_checkpoints": 0,
         "progress": True,
         "deterministic": True,
     },
+    # Decoding settings of generation tasks, declared by their presets (mt: beam, lenpen,
+    # max_len_a, max_len_b); empty for the others.
+    "generation": {},
     "analysis": {
         # Record Theorem-1 gradient statistics of every norm layer every N optimizer updates
         # (adanorm.analysis.GradientStatsRecorder) into metrics.jsonl; 0 disables.

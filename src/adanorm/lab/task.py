@@ -22,6 +22,7 @@ task whose evaluation is not a sum over batches (e.g. corpus BLEU with beam sear
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -152,6 +153,14 @@ class Task:
                 for key, value in stats.items():
                     total[key] = total.get(key, 0.0) + float(value)
         return self.metrics(reduce(total))
+
+    # --- outputs --------------------------------------------------------------------------------
+    def results_extra(self) -> dict[str, Any]:
+        """Task-specific entries added to ``results.json`` (e.g. a BLEU signature)."""
+        return {}
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        """Write task outputs (e.g. translations) into ``run_dir`` after the final test."""
 
 
 class TensorDataset(Dataset):

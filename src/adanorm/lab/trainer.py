@@ -13,7 +13,11 @@ Run directory layout (written by the main process only)::
     metrics.jsonl        one JSON object per train log / evaluation / final test line
     checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
     checkpoint_best.pt   the model with the best validation metric
-    results.json         final valid and test metrics of the best checkpoint; marks a finished run
+    checkpoint_avg_<step>.pt  with ``train.average_checkpoints`` N > 0: the weights at each of
+                         the last N evaluations, averaged into the final model
+    results.json         final valid and test metrics of the best (or averaged) model, training
+                         totals and throughput (e.g. target tokens per second); marks a finished
+                         run
 
 Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)``; a checkpoint
 records the position inside the epoch, every RNG state and the byte length of ``metrics.jsonl``.
@@ -53,6 +57,7 @@ __all__ = ["Trainer", "RunDirError", "GlobalBatchSampler", "seed_everything", "r
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
 RESULTS = "results.json"
+SNAPSHOT_PREFIX = "checkpoint_avg_"
 METRICS = "metrics.jsonl"
 
 
@@ -154,6 +159,7 @@ class TrainState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     log_sums: dict[str, float] = field(default_factory=dict)  # train stats since the last log line
+    totals: dict[str, float] = field(default_factory=dict)  # train stats summed over the run
     last_valid: dict[str, float] = field(default_factory=dict)
 
 
@@ -446,6 +452,7 @@ class Trainer:
                 )
                 for key, value in stats.items():
                     self.state.log_sums[key] = self.state.log_sums.get(key, 0.0) + float(value)
+                    self.state.totals[key] = self.state.totals.get(key, 0.0) + float(value)
         clip = self.cfg["optim"]["clip_norm"]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -471,7 +478,38 @@ class Trainer:
             return not math.isnan(value)
         return value > best if self.task.valid_mode == "max" else value < best
 
+    def _snapshot_for_average(self) -> None:
+        """Keep the weights of the last ``train.average_checkpoints`` evaluations."""
+        keep = int(self.cfg["train"]["average_checkpoints"])
+        if keep <= 0 or not self.dist.is_main:
+            return
+        ckpt.atomic_save(
+            {"format": "adanorm-lab-snapshot/1", "model": self.module.state_dict(),
+             "step": self.state.step},
+            self.run_dir / f"{SNAPSHOT_PREFIX}{self.state.step:09d}.pt",
+        )
+        for old in self._snapshots()[:-keep]:
+            old.unlink()
+
+    def _snapshots(self) -> list[Path]:
+        return sorted(self.run_dir.glob(f"{SNAPSHOT_PREFIX}*.pt"))
+
+    def _averaged_model(self) -> dict[str, torch.Tensor]:
+        """The element-wise mean of the kept snapshots (floating tensors; others from the last)."""
+        paths = self._snapshots()
+        states = [ckpt.load_checkpoint(path)["model"] for path in paths]
+        averaged = {}
+        for key, value in states[-1].items():
+            if torch.is_floating_point(value):
+                total = sum(state[key].double() for state in states)
+                averaged[key] = (total / len(states)).to(value.dtype)
+            else:
+                averaged[key] = value
+        self._averaged_steps = [int(ckpt.load_checkpoint(p)["step"]) for p in paths]
+        return averaged
+
     def _run_eval(self) -> None:
+        self._snapshot_for_average()
         metrics = self.evaluate("valid")
         self.state.last_valid = metrics
         value = metrics[self.task.valid_metric]
@@ -635,10 +673,19 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        best = ckpt.load_checkpoint(self.run_dir / BEST) if (self.run_dir / BEST).exists() else None
+        average = int(cfg["train"]["average_checkpoints"])
+        self._averaged_steps: list[int] = []
+        if average > 0 and self._snapshots():
+            final = {"model": self._averaged_model()}
+        else:
+            final = (
+                ckpt.load_checkpoint(self.run_dir / BEST)
+                if (self.run_dir / BEST).exists()
+                else None
+            )
         barrier()
-        if best is not None:
-            self.module.load_state_dict(best["model"])
+        if final is not None:
+            self.module.load_state_dict(final["model"])
         valid = self.evaluate("valid")
         test = self.evaluate("test")
         self._log({"split": "test", "step": self.state.best_step, **test})
@@ -659,10 +706,24 @@ class Trainer:
             "stopped_early": self.state.stopped_early,
             "train_seconds": round(self.state.train_seconds, 2),
             "world_size": self.dist.world_size,
+            "final_model": (
+                f"average of the weights at steps {self._averaged_steps}"
+                if self._averaged_steps
+                else "best validation checkpoint"
+            ),
             "valid": valid,
             "test": test,
+            "train_totals": dict(self.state.totals),
+            # Per second of training (evaluation excluded), over all processes: e.g. the
+            # target tokens per second of translation, characters per second of LM.
+            "train_throughput_per_second": {
+                key: value * self.dist.world_size / max(self.state.train_seconds, 1e-9)
+                for key, value in self.state.totals.items()
+            },
+            **self.task.results_extra(),
         }
         if self.dist.is_main:
+            self.task.write_artifacts(self.run_dir)
             ckpt.atomic_write_text(self.run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
         barrier()
         return results

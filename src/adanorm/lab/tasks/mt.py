@@ -1,0 +1,335 @@
+"""Machine translation (the paper's headline columns, §3.1) with every norm swappable.
+
+Task, model and criterion in fairseq's split, without fairseq:
+
+* **data** (:mod:`.mt_data`): Moses tokenization, joint BPE, length filtering and a binarized cache
+  per recipe (``multi30k``, ``iwslt14_de_en``, ``iwslt15_en_vi``, ``wmt14_en_de``);
+* **batches by token count**: sentences sorted by length are cut into batches of at most
+  ``data.max_tokens`` padded tokens (``sentences * max(src_len, tgt_len)``, fairseq's rule).  The
+  batches are built once, so one dataset *example* is one such batch; the trainer shuffles them
+  per epoch and ``optim.accum_steps`` is fairseq's ``--update-freq``.  ``data.batch_size`` counts
+  token batches per micro-step over all processes: set it to the number of DDP processes;
+* **model** (:mod:`.mt_model`): the encoder-decoder Transformer, every norm from ``make_norm``;
+* **criterion**: label-smoothed cross-entropy (``model.label_smoothing``), the mean over the
+  target tokens of each micro-batch;
+* **validation** is the label-smoothed loss (fairseq's checkpoint criterion: the best checkpoint is
+  the one with the lowest validation loss);
+* **test** decodes with beam search (:mod:`.mt_search`: ``generation.*``) and scores BLEU two ways,
+  each labelled where it is reported:
+
+  - ``bleu``: *tokenized BLEU* — BPE removed, Moses-tokenized (and lower-cased when the recipe
+    lower-cases) hypotheses against the equally processed references, BLEU-4 without smoothing
+    as multi-bleu / fairseq's ``generate.py --remove-bpe`` report it: the number the paper
+    reports;
+  - ``sacrebleu``: *detokenized sacreBLEU* — hypotheses Moses-detokenized, against the raw
+    references, with sacreBLEU's 13a tokenizer; its signature is in ``results.json``.
+
+  The translations are written to the run directory (``translations.test.txt``, detokenized,
+  and ``translations.test.tok.txt``, tokenized), in the order of the test set.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from ..checkpoint import atomic_write_text
+from ..data import data_root, user_cache_dir
+from ..task import Stats, Task, register_task
+from .mt_data import (
+    SACREBLEU_SMOOTH,
+    Postprocessor,
+    PreparedCorpus,
+    bleu_from_statistics,
+    bleu_statistics,
+    prepare_corpus,
+    sacrebleu_signature,
+)
+from .mt_model import TransformerMT
+from .mt_search import SearchConfig, beam_search
+
+__all__ = ["MTTask", "TokenBatches", "batches_by_tokens"]
+
+_SPLIT_MARKERS = {"train": -1, "valid": -2, "test": -3}
+_MARKER_SPLITS = {v: k for k, v in _SPLIT_MARKERS.items()}
+
+# Prepared corpora per (recipe config, data root): preparing Multi30k takes a while.
+_CORPORA: dict[tuple[str, str], PreparedCorpus] = {}
+
+
+def batches_by_tokens(
+    src_lengths: Sequence[int],
+    tgt_lengths: Sequence[int],
+    max_tokens: int,
+    *,
+    max_sentences: int = 0,
+    order: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Cut sentences into batches of at most ``max_tokens`` padded tokens.
+
+    Sentences are taken in ``order`` (default: sorted by target then source length, so that a
+    batch holds sentences of similar length and little padding), and a batch closes when one more
+    sentence would make ``sentences * max(longest source, longest target)`` exceed
+    ``max_tokens``, or reach ``max_sentences`` (> 0).  A single sentence longer than
+    ``max_tokens`` is an error: it could never be trained on.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    if order is None:
+        order = sorted(range(len(src_lengths)), key=lambda i: (tgt_lengths[i], src_lengths[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index in order:
+        size = max(src_lengths[index], tgt_lengths[index])
+        if size > max_tokens:
+            raise ValueError(
+                f"sentence {index} has {size} tokens (with eos), more than data.max_tokens="
+                f"{max_tokens}; raise max_tokens or lower data.max_len"
+            )
+        full = max_sentences > 0 and len(current) >= max_sentences
+        if current and ((len(current) + 1) * max(longest, size) > max_tokens or full):
+            batches.append(current)
+            current, longest = [], 0
+        current.append(index)
+        longest = max(longest, size)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBatches(Dataset):
+    """A list of sentence-index batches: item ``i`` is the ``i``-th batch (a list of indices)."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.batches[index]
+
+
+@register_task("mt")
+class MTTask(Task):
+    datasets = ("multi30k", "iwslt14_de_en", "iwslt15_en_vi", "wmt14_en_de")
+    valid_metric = "loss"
+    valid_mode = "min"
+    test_metric = "bleu"
+    test_metric_label = "tokenized BLEU"
+
+    def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
+        super().__init__(cfg, data_dir)
+        data = cfg["data"]
+        self.max_tokens = int(data.get("max_tokens", 4096))
+        self.eval_max_tokens = int(data.get("eval_max_tokens", self.max_tokens))
+        self.decode_max_sentences = int(data.get("decode_max_sentences", 128))
+        gen = cfg.get("generation") or {}
+        self.search = SearchConfig(
+            beam=int(gen.get("beam", 5)),
+            lenpen=float(gen.get("lenpen", 1.0)),
+            max_len_a=float(gen.get("max_len_a", 0.0)),
+            max_len_b=int(gen.get("max_len_b", 200)),
+        )
+        self.label_smoothing = float(cfg["model"].get("label_smoothing", 0.1))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(
+                f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        self._corpus: PreparedCorpus | None = None
+        self._translations: dict[int, tuple[str, str]] = {}
+        self._postprocessor: Postprocessor | None = None
+
+    # --- data -----------------------------------------------------------------------------------
+    def corpus(self) -> PreparedCorpus:
+        if self._corpus is None:
+            root = data_root(self.data_dir)
+            cache = Path(self.cfg["data"].get("cache_dir") or user_cache_dir() / "mt")
+            key = (repr(sorted(self.cfg["data"].items())), str(root))
+            if key not in _CORPORA:
+                _CORPORA[key] = prepare_corpus(self.cfg["data"], root, cache)
+            self._corpus = _CORPORA[key]
+            c = self._corpus
+            case = "lower-cased" if c.lowercase else "cased"
+            self.test_metric_label = (
+                f"tokenized BLEU ({c.src_lang}->{c.tgt_lang}, BPE removed, Moses-tokenized, "
+                f"{case}; multi-bleu as fairseq --remove-bpe)"
+            )
+            print(f"mt: {self.dataset_name} {c.src_lang}->{c.tgt_lang}, "
+                  f"{len(c.dictionary)} types (joined), "
+                  + ", ".join(f"{k} {len(v.src)}" for k, v in c.splits.items()), file=sys.stderr)
+        return self._corpus
+
+    def _lengths(self, split: str) -> tuple[list[int], list[int]]:
+        data = self.corpus().splits[split]
+        # +1: the eos every source and target sequence ends with.
+        return [len(s) + 1 for s in data.src], [len(t) + 1 for t in data.tgt]
+
+    def dataset(self, split: str) -> Dataset:
+        src_lengths, tgt_lengths = self._lengths(split)
+        if split == "train":
+            batches = batches_by_tokens(src_lengths, tgt_lengths, self.max_tokens)
+        elif split == "valid":
+            batches = batches_by_tokens(src_lengths, tgt_lengths, self.eval_max_tokens)
+        else:  # decoding: by source length; beam search multiplies the batch by the beam
+            order = sorted(range(len(src_lengths)), key=lambda i: (src_lengths[i], i))
+            batches = batches_by_tokens(
+                src_lengths, tgt_lengths, self.eval_max_tokens,
+                max_sentences=self.decode_max_sentences, order=order,
+            )
+        # Collate sees only indices: each batch ends with a marker naming its split.
+        marker = _SPLIT_MARKERS[split]
+        return TokenBatches([batch + [marker] for batch in batches])
+
+    def _pad(self, sequences: list[Tensor]) -> Tensor:
+        pad = self.corpus().dictionary.pad
+        return nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad)
+
+    def collate(self, examples: Any) -> dict[str, Any]:
+        groups = [examples] if examples and isinstance(examples[0], int) else list(examples)
+        split = _MARKER_SPLITS[groups[0][-1]]
+        decode = split == "test"
+        indices = [i for group in groups for i in group[:-1]]
+        d = self.corpus().dictionary
+        data = self.corpus().splits[split]
+        eos = torch.tensor([d.eos])
+        bos = torch.tensor([d.bos])
+        src = self._pad([torch.cat([data.src[i], eos]) for i in indices])
+        target = self._pad([torch.cat([data.tgt[i], eos]) for i in indices])
+        prev = self._pad([torch.cat([bos, data.tgt[i]]) for i in indices])
+        return {"src": src, "prev": prev, "target": target,
+                "index": torch.tensor(indices), "decode": decode}
+
+    def batch_size(self, batch: Mapping[str, Tensor]) -> int:
+        return int(batch["src"].shape[0])
+
+    # --- model ----------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        m, d = self.cfg["model"], self.corpus().dictionary
+        return TransformerMT(
+            len(d), len(d), pad=d.pad, make_norm=self.make_norm,
+            d_model=int(m["d_model"]), d_ffn=int(m["d_ffn"]), n_head=int(m["n_head"]),
+            enc_layers=int(m["enc_layers"]), dec_layers=int(m["dec_layers"]),
+            dropout=float(m.get("dropout", 0.3)),
+            attention_dropout=float(m.get("attention_dropout", 0.1)),
+            activation_dropout=float(m.get("activation_dropout", 0.1)),
+            pre_norm=bool(m.get("pre_norm", True)),
+            share_embeddings=bool(m.get("share_embeddings", True)),
+            max_positions=int(m.get("max_positions", 1024)),
+        )
+
+    # --- criterion ------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Stats]:
+        pad = self.corpus().dictionary.pad
+        logits = model(batch["src"], batch["prev"]).float()
+        flat_logits, target = logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1)
+        # PyTorch's label smoothing spreads eps over all V classes, as fairseq's
+        # label_smoothed_cross_entropy does (eps_i = eps / V).
+        smoothed = F.cross_entropy(flat_logits, target, ignore_index=pad, reduction="sum",
+                                   label_smoothing=self.label_smoothing)
+        with torch.no_grad():
+            nll = F.cross_entropy(flat_logits, target, ignore_index=pad, reduction="sum")
+        tokens = int(target.ne(pad).sum())
+        stats = {
+            "loss_sum": float(smoothed.detach()), "nll_sum": float(nll), "tokens": float(tokens),
+            "src_tokens": float(batch["src"].ne(pad).sum()),
+            "sentences": float(batch["src"].shape[0]),
+        }
+        return smoothed / max(tokens, 1), stats
+
+    def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
+        tokens = stats.get("tokens", 0.0)
+        if tokens <= 0:
+            raise ValueError("no target tokens were evaluated (empty split?)")
+        nll = stats["nll_sum"] / tokens
+        out = {"loss": stats["loss_sum"] / tokens, "nll_loss": nll, "ppl": math.exp(min(nll, 50)),
+               "tokens": tokens, "sentences": stats.get("sentences", 0.0)}
+        if "tok_sys_len" in stats:
+            out["bleu"] = bleu_from_statistics(_unprefix(stats, "tok_"))
+            out["sacrebleu"] = bleu_from_statistics(
+                _unprefix(stats, "sacre_"), smooth_method=SACREBLEU_SMOOTH
+            )
+            out["hyp_ref_length_ratio"] = stats["tok_sys_len"] / max(stats["tok_ref_len"], 1.0)
+        return out
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        reduce: Callable[[Stats], Stats],
+        autocast: Callable[[], Any],
+    ) -> dict[str, float]:
+        """Valid: the loss.  Test: the loss, then beam search and both BLEUs."""
+        total: Stats = {}
+        with torch.no_grad():
+            for batch in batches:
+                with autocast():
+                    _, stats = self.loss(model, batch)
+                    if batch["decode"]:
+                        stats.update(self._translate(model, batch))
+                for key, value in stats.items():
+                    total[key] = total.get(key, 0.0) + float(value)
+        return self.metrics(reduce(total))
+
+    def _translate(self, model: nn.Module, batch: Mapping[str, Any]) -> Stats:
+        corpus = self.corpus()
+        d, test = corpus.dictionary, corpus.splits["test"]
+        if self._postprocessor is None:
+            self._postprocessor = corpus.postprocessor()
+        post = self._postprocessor
+        hypotheses = beam_search(model, batch["src"], bos=d.bos, eos=d.eos, cfg=self.search)
+        indices = batch["index"].tolist()
+        tok_hyps, detok_hyps = [], []
+        for index, ids in zip(indices, hypotheses, strict=True):
+            tokenized = post.remove_bpe(d.decode(ids))
+            detokenized = post.detokenize(tokenized)
+            self._translations[index] = (tokenized, detokenized)
+            tok_hyps.append(tokenized)
+            detok_hyps.append(detokenized)
+        lowercase = corpus.lowercase
+        tok = bleu_statistics(tok_hyps, [test.ref_tok[i] for i in indices],
+                              tokenize="none", lowercase=False)
+        sacre = bleu_statistics(detok_hyps, [test.ref_detok[i] for i in indices],
+                                tokenize="13a", lowercase=lowercase)
+        return {**{f"tok_{k}": v for k, v in tok.items()},
+                **{f"sacre_{k}": v for k, v in sacre.items()}}
+
+    # --- outputs --------------------------------------------------------------------------------
+    def results_extra(self) -> dict[str, Any]:
+        corpus = self.corpus()
+        lowercase = corpus.lowercase
+        return {
+            "bleu_definitions": {
+                "bleu": self.test_metric_label,
+                "sacrebleu": "detokenized sacreBLEU, signature "
+                + sacrebleu_signature(lowercase=lowercase),
+            },
+            "sacrebleu_signature": sacrebleu_signature(lowercase=lowercase),
+            "generation": {"beam": self.search.beam, "lenpen": self.search.lenpen,
+                           "max_len_a": self.search.max_len_a,
+                           "max_len_b": self.search.max_len_b},
+            "data_info": corpus.info,
+        }
+
+    def write_artifacts(self, run_dir: Path) -> None:
+        if not self._translations:
+            return
+        order = sorted(self._translations)
+        atomic_write_text(run_dir / "translations.test.tok.txt",
+                          "".join(self._translations[i][0] + "\n" for i in order))
+        atomic_write_text(run_dir / "translations.test.txt",
+                          "".join(self._translations[i][1] + "\n" for i in order))
+
+
+def _unprefix(stats: Mapping[str, float], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
