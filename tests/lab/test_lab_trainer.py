@@ -225,3 +225,28 @@ def test_a_second_trainer_in_the_same_directory_is_refused(tmp_path: Path) -> No
         with pytest.raises(RunDirError, match="another process is training"):
             train(run_dir)
     train(run_dir)  # the lock is gone with its holder
+
+
+def test_checkpoint_averaging_uses_the_mean_of_the_last_evaluations(tmp_path: Path) -> None:
+    cfg = smoke_cfg("train.average_checkpoints=2")
+    trainer = Trainer(cfg, tmp_path / "run", argv=["test"])
+    results = trainer.fit()
+    snapshots = sorted((tmp_path / "run").glob("checkpoint_avg_*.pt"))
+    assert [p.name for p in snapshots] == ["checkpoint_avg_000000016.pt",
+                                           "checkpoint_avg_000000024.pt"]
+    assert results["final_model"] == "average of the weights at steps [16, 24]"
+    states = [torch.load(p, weights_only=True)["model"] for p in snapshots]
+    for key, value in trainer.module.state_dict().items():
+        if torch.is_floating_point(value):
+            torch.testing.assert_close(value, (states[0][key] + states[1][key]) / 2)
+    # the averaged model is what was evaluated
+    assert results["valid"] == trainer.evaluate("valid")
+
+
+def test_results_report_training_totals_and_throughput(tmp_path: Path) -> None:
+    results = train(tmp_path / "run")
+    assert results["final_model"] == "best validation checkpoint"
+    totals, rate = results["train_totals"], results["train_throughput_per_second"]
+    assert totals["n"] == 24 * smoke_cfg()["data"]["batch_size"]
+    # train_seconds is rounded to 0.01 s in results.json
+    assert abs(rate["n"] * results["train_seconds"] - totals["n"]) <= rate["n"] * 0.005 + 1e-6
