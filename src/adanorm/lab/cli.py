@@ -143,6 +143,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"(valid {results['valid_metric']} = {results['valid'][results['valid_metric']]:.4f}"
             f", best step {results['best_step']}, {results['train_seconds']:.0f}s)"
         )
+        # Each BLEU with what it is (tokenized vs detokenized sacreBLEU and its signature).
+        for key, definition in results.get("bleu_definitions", {}).items():
+            print(f"  {key} = {results['test'][key]:.2f}: {definition}")
     from .distributed import cleanup
 
     cleanup()
