@@ -149,10 +149,15 @@ class Task:
         with torch.no_grad():
             for batch in batches:
                 with autocast():
-                    _, stats = self.loss(model, batch)
+                    stats = self.eval_batch_stats(model, batch)
                 for key, value in stats.items():
                     total[key] = total.get(key, 0.0) + float(value)
         return self.metrics(reduce(total))
+
+    def eval_batch_stats(self, model: nn.Module, batch: Any) -> Stats:
+        """Additive statistics of one evaluation batch: the loss's by default.  Override to add
+        statistics that need more than the loss (e.g. decoding)."""
+        return self.loss(model, batch)[1]
 
     # --- outputs --------------------------------------------------------------------------------
     def results_extra(self) -> dict[str, Any]:

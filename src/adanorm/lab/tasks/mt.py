@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -262,24 +262,12 @@ class MTTask(Task):
         return out
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        reduce: Callable[[Stats], Stats],
-        autocast: Callable[[], Any],
-    ) -> dict[str, float]:
-        """Valid: the loss.  Test: the loss, then beam search and both BLEUs."""
-        total: Stats = {}
-        with torch.no_grad():
-            for batch in batches:
-                with autocast():
-                    _, stats = self.loss(model, batch)
-                    if batch["decode"]:
-                        stats.update(self._translate(model, batch))
-                for key, value in stats.items():
-                    total[key] = total.get(key, 0.0) + float(value)
-        return self.metrics(reduce(total))
+    def eval_batch_stats(self, model: nn.Module, batch: Mapping[str, Any]) -> Stats:
+        """Valid: the loss.  Test: the loss, then beam search and both BLEUs' statistics."""
+        stats = self.loss(model, batch)[1]
+        if batch["decode"]:
+            stats.update(self._translate(model, batch))
+        return stats
 
     def _translate(self, model: nn.Module, batch: Mapping[str, Any]) -> Stats:
         corpus = self.corpus()
@@ -307,14 +295,13 @@ class MTTask(Task):
     # --- outputs --------------------------------------------------------------------------------
     def results_extra(self) -> dict[str, Any]:
         corpus = self.corpus()
-        lowercase = corpus.lowercase
+        signature = sacrebleu_signature(lowercase=corpus.lowercase)
         return {
             "bleu_definitions": {
                 "bleu": self.test_metric_label,
-                "sacrebleu": "detokenized sacreBLEU, signature "
-                + sacrebleu_signature(lowercase=lowercase),
+                "sacrebleu": f"detokenized sacreBLEU, signature {signature}",
             },
-            "sacrebleu_signature": sacrebleu_signature(lowercase=lowercase),
+            "sacrebleu_signature": signature,
             "generation": {"beam": self.search.beam, "lenpen": self.search.lenpen,
                            "max_len_a": self.search.max_len_a,
                            "max_len_b": self.search.max_len_b},
