@@ -217,12 +217,23 @@ def check_correctness() -> list[dict]:
                               [(n, s) for n in VARIANTS for s in ("biased", "unbiased")]))
     torch.cuda.synchronize()
     rows += _compile_export_checks()
-    eager_nodes = {r["backward_node"] for r in rows if r.get("check") == "values"}
-    rows.append({"check": "eager path is the Triton autograd.Function",
-                 "backward_nodes": sorted(eager_nodes),
-                 "ok": all("TritonNorm" in n or "LayerNorm" in n or "layer_norm" in n.lower()
-                           for n in eager_nodes)})
+    x = torch.randn(8, 512, device="cuda", requires_grad=True)
+    nodes = {name: _backward_nodes(fn(x)) for name, fn in (
+        ("adanorm", lambda t: AF.ada_norm(t, 512)),
+        ("detachnorm", lambda t: AF.detach_norm(t, 512)),
+        ("adanorm bf16", lambda t: AF.ada_norm(t.bfloat16(), 512)))}
+    rows.append({"check": "eager path is the Triton autograd.Function", "backward_nodes": nodes,
+                 "ok": all(any("TritonNorm" in n for n in v) for v in nodes.values())})
     return rows
+
+
+def _backward_nodes(out: torch.Tensor, depth: int = 3) -> list[str]:
+    names, frontier = [], [out.grad_fn]
+    for _ in range(depth):
+        frontier = [f for f in frontier if f is not None]
+        names += [type(f).__name__ for f in frontier]
+        frontier = [n for f in frontier for n, _ in f.next_functions]
+    return names
 
 
 # ---- 2. tuning ---------------------------------------------------------------------------------
@@ -429,6 +440,64 @@ def host_enqueue(rounds: int = 7, calls: int = 400) -> list[dict]:
     return out
 
 
+def host_breakdown(calls: int = 400) -> dict:
+    """Where the host time of one AdaNorm fwd+bwd goes (fp32, 2048 x 256): each piece timed on
+    its own, the profiler's table, and any synchronization torch reports."""
+    import warnings
+
+    from adanorm._kernels import triton_norm as tn
+
+    x = torch.randn(2048, 256, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    xd = x.detach()
+    _, rstd = tn._forward(xd, 1e-5, False, False, 1.0, 0.1)
+    pieces = {
+        "native fwd (grad on)": lambda: F.layer_norm(x, (256,)),
+        "native fwd+bwd": lambda: torch.autograd.grad(F.layer_norm(x, (256,)), x, g),
+        "ada_norm fwd (grad on)": lambda: AF.ada_norm(x, 256),
+        "ada_norm fwd (no grad)": lambda: AF.ada_norm(xd, 256),
+        "ada_norm fwd+bwd": lambda: torch.autograd.grad(AF.ada_norm(x, 256), x, g),
+        "triton_norm.norm fwd (grad on)": lambda: tn.norm(x, 1e-5, False, False, False, 1.0,
+                                                         0.1),
+        "raw _forward launch": lambda: tn._forward(xd, 1e-5, False, False, 1.0, 0.1),
+        "raw _backward launch": lambda: tn._backward(g, xd, rstd, 1e-5, False, False, False,
+                                                     1.0, 0.1),
+        "torch.empty x2": lambda: (torch.empty_like(xd), torch.empty(0, device="cuda")),
+    }
+    out: dict = {"us_per_call": {}}
+    for name, fn in pieces.items():
+        samples = []
+        for _ in range(5):
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples.append((time.perf_counter() - start) / calls * 1e6)
+            torch.cuda.synchronize()
+        out["us_per_call"][name] = statistics.median(samples)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            torch.autograd.grad(AF.ada_norm(x, 256), x, g)
+            torch.autograd.grad(AF.detach_norm(x, 256), x, g)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    out["sync_warnings"] = [f"{w.filename}:{w.lineno}: {str(w.message)[:120]}" for w in caught]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            torch.autograd.grad(AF.ada_norm(x, 256), x, g)
+        torch.cuda.synchronize()
+    out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "host_profile.txt").write_text(out["profile"])
+    return out
+
+
 # ---- 5. bandwidth -----------------------------------------------------------------------------
 
 
@@ -518,6 +587,7 @@ def main() -> None:
     sections = [("correctness", check_correctness), ("tuning", tune),
                 ("copy_bandwidth_Bps", copy_bandwidth),
                 ("cells", lambda: time_cells(args.rounds)), ("host_enqueue", host_enqueue),
+                ("host_breakdown", host_breakdown),
                 ("end_to_end", end_to_end)]
     for key, fn in sections:
         if key in skip:
@@ -617,6 +687,11 @@ def summarize(data: dict) -> None:
         for h in host:
             log(f"  {h['variant']:<32} {h['dtype']} {h['mode']:<7} {h['median_us']:.1f} us "
                 f"({h['median_ratio']:.3f}x)")
+    breakdown = data.get("host_breakdown")
+    if isinstance(breakdown, dict) and "us_per_call" in breakdown:
+        log("\nhost breakdown (us per call): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in breakdown["us_per_call"].items()))
+        log(f"sync warnings: {breakdown['sync_warnings'][:6]}")
     e2e = data.get("end_to_end")
     if isinstance(e2e, dict):
         log(f"\nend to end: {json.dumps(e2e)[:400]}")

@@ -308,6 +308,68 @@ _TRITON_INTERPRETER_CHECK = textwrap.dedent(
     (dx_eager,) = torch.autograd.grad(module(x).sum(), x)
     torch.testing.assert_close(dx_compiled, dx_eager)
     assert not failures, failures
+
+    # Rows of any finite magnitude normalize like the float64 reference (float32 squares of
+    # |x| > 1.8e19 overflow without the power-of-two rescaling).
+    for magnitude in (1e19, 1e30, 3e38):
+        for unbiased in (False, True):
+            x = (torch.randn(3, 64) * magnitude / 4).clamp(-3.3e38, 3.3e38).requires_grad_()
+            g = torch.randn(3, 64)
+            out = triton_norm.norm(x, 1e-5, unbiased, False, False, 1.0, 0.1)
+            (dx,) = torch.autograd.grad(out, x, g)
+            x64 = x.detach().double().requires_grad_()
+            std_mode = "unbiased" if unbiased else "biased"
+            ref = reference_norm(x64, (64,), std_mode=std_mode, scale=1.0)
+            (ref_dx,) = torch.autograd.grad(ref, x64, g.double())
+            assert (out.double() - ref).abs().max() < 1e-5, (magnitude, unbiased)
+            assert ((dx.double() - ref_dx).abs().max() / ref_dx.abs().max()) < 1e-4
+
+    # Near-constant rows in unbiased mode: sigma is computed, never rebuilt from 1/sigma - eps.
+    for sigma in (1e-8, 1e-6, 1e-4, 1e-2):
+        x = (0.01 + sigma * torch.randn(4, 256)).requires_grad_()
+        g = torch.randn(4, 256)
+        keep = x.detach().double().std(-1) > 0
+        out = triton_norm.norm(x, 1e-5, True, False, False, None, 0.1)
+        (dx,) = torch.autograd.grad(out, x, g)
+        x64 = x.detach().double()[keep].requires_grad_()
+        ref = reference_norm(x64, (256,), std_mode="unbiased")
+        (ref_dx,) = torch.autograd.grad(ref, x64, g[keep].double())
+        assert (out[keep].double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max()), sigma
+        assert (dx[keep].double() - ref_dx).abs().max() <= 1e-4 * ref_dx.abs().max(), sigma
+
+    # Second derivatives (create_graph=True) against float64, detached statistics constant.
+    for name, kwargs in variants.items():
+        for std_mode in ("biased", "unbiased"):
+            x = torch.randn(5, 33, requires_grad=True)
+            g = torch.randn(5, 33, requires_grad=True)
+            v = torch.randn(5, 33)
+            out = triton_norm.norm(
+                x, 1e-5, std_mode == "unbiased", kwargs.get("detach_mean", False),
+                kwargs.get("detach_std", False), kwargs.get("scale"), kwargs.get("k", 0.1))
+            (dx,) = torch.autograd.grad(out, x, g, create_graph=True)
+            hx, hg = torch.autograd.grad((dx * v).sum(), (x, g), allow_unused=True)
+            x64 = x.detach().double().requires_grad_()
+            g64 = g.detach().double().requires_grad_()
+            ref = reference_norm(x64, (33,), std_mode=std_mode, **kwargs)
+            (rdx,) = torch.autograd.grad(ref, x64, g64, create_graph=True)
+            rhx, rhg = torch.autograd.grad((rdx * v.double()).sum(), (x64, g64),
+                                           allow_unused=True)
+            hx = torch.zeros_like(x64) if hx is None else hx.double()
+            rhx = torch.zeros_like(x64) if rhx is None else rhx
+            assert (hx - rhx).abs().max() < 1e-4, (name, std_mode)
+            assert (hg.double() - rhg).abs().max() < 1e-4, (name, std_mode)
+
+    # torch.export keeps the operator; the width limit follows the measured register budget.
+    class Module(torch.nn.Module):
+        def forward(self, t):
+            return triton_norm.norm(t, 1e-5, False, True, True, None, 0.1)
+
+    program = torch.export.export(Module(), (torch.randn(4, 16),))
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(program.module()(x), Module()(x))
+    assert triton_norm.supports(torch.empty(2, 16384))
+    assert not triton_norm.supports(torch.empty(2, 16385))
+    assert not triton_norm.supports(torch.empty(2, 16385, dtype=torch.bfloat16))
     print("ok")
     """
 )

@@ -40,19 +40,31 @@ __all__ = ["norm", "supports", "max_width", "launch_config", "WARPS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Whole rows live in registers.  The widest row per element size is the widest BLOCK that compiled
-# without register spills on an H200 (benchmarks/gpu_check.py, "tuning"); wider rows take the
-# pure-PyTorch path.
-MAX_WIDTH = {4: 65536, 2: 65536}
+# Whole rows live in registers, held as float32 whatever the input's element size, so the limit
+# is the same for 4- and 2-byte inputs: on an H200 the backward (x and g in registers) compiled
+# without spills up to BLOCK 16384 and spilled at 32768 for both, falling to 470-1320 GB/s
+# (benchmarks/results/gpu_check.json, "tuning").  Wider rows take the pure-PyTorch path.
+MAX_WIDTH = {4: 16384, 2: 16384}
 
-# num_warps per (BLOCK, element size, direction): the fastest of the measured candidates on an H200
-# (benchmarks/gpu_check.py, "tuning"; the measurements are in benchmarks/results/gpu_check.json).
+# num_warps per (BLOCK, element size, direction): the fastest of the measured candidates on an
+# H200 (benchmarks/gpu_check.py, "tuning"; the measurements are in
+# benchmarks/results/gpu_check.json).  Blocks above MAX_WIDTH are listed for the tuning run only.
+_MEASURED_WARPS = {
+    # block: (fp32 fwd, fp32 bwd, 16-bit fwd, 16-bit bwd)
+    256: (1, 1, 1, 1),
+    512: (2, 2, 1, 1),
+    1024: (2, 4, 2, 2),
+    2048: (4, 8, 4, 4),
+    4096: (4, 4, 4, 4),
+    8192: (16, 8, 8, 8),
+    16384: (8, 16, 8, 8),
+    32768: (16, 32, 32, 16),
+    65536: (16, 32, 16, 32),
+}
 WARPS: dict[tuple[int, int, str], int] = {
-    (block, size, direction): warps
-    for size in (4, 2)
-    for direction in ("fwd", "bwd")
-    for block, warps in ((256, 1), (512, 2), (1024, 4), (2048, 8), (4096, 8), (8192, 16),
-                         (16384, 16), (32768, 32), (65536, 32))
+    (block, size, direction): warps[index]
+    for block, warps in _MEASURED_WARPS.items()
+    for index, (size, direction) in enumerate(((4, "fwd"), (4, "bwd"), (2, "fwd"), (2, "bwd")))
 }
 
 # Peak magnitude above which a row is rescaled: N * peak^2 stays below float32's 3.4e38 for any
