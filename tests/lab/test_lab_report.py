@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from lab_helpers import REPO
 
 from adanorm.lab.paper_numbers import paper_number, paper_table
 from adanorm.lab.report import ReportError, write_report
+from adanorm.lab.runinfo import norm_label
 from adanorm.lab.sweep import plan_sweep, run_sweep
 
 ACCS = {  # dataset -> norm -> per-seed test accuracy
@@ -41,6 +43,8 @@ def _fake_run(
     name: str | None = None,
     config: dict | None = None,
     device: str | None = "cpu",
+    norm_kwargs: dict | None = None,
+    valid: float | None = None,
 ) -> Path:
     """A finished run as the trainer writes it: results.json, config.yaml, run.json and
     metrics.jsonl; ``config`` holds dotted keys that override the base config."""
@@ -52,14 +56,14 @@ def _fake_run(
                 "task": "x",
                 "dataset": dataset,
                 "norm": norm,
-                "norm_kwargs": {},
-                "norm_label": norm,
+                "norm_kwargs": norm_kwargs or {},
+                "norm_label": norm_label(norm, norm_kwargs),
                 "seed": seed,
                 "valid_metric": "acc",
                 "valid_mode": "max",
                 "test_metric": "acc",
                 "test_metric_label": "accuracy (%)",
-                "valid": {"acc": acc},
+                "valid": {"acc": acc if valid is None else valid},
                 "test": {"acc": acc},
             }
         )
@@ -68,7 +72,7 @@ def _fake_run(
         "task": "x",
         "seed": seed,
         "data": {"name": dataset, "batch_size": 32},
-        "model": {"norm": norm, "norm_kwargs": {}},
+        "model": {"norm": norm, "norm_kwargs": norm_kwargs or {}},
         "train": {"max_steps": 20, "eval_every": 10, "threads": 1, "average_checkpoints": 0},
     }
     for dotted, value in (config or {}).items():
@@ -338,6 +342,70 @@ def test_a_missing_directory_is_one_line_with_exit_status_2(tmp_path: Path) -> N
     empty = _cli_report(tmp_path)
     assert empty.returncode == 2 and "no finished runs" in empty.stderr
     assert empty.stderr.count("\n") == 1
+
+
+def test_textcls_select_regenerates_its_reports_in_place(tmp_path: Path) -> None:
+    from adanorm.lab.tasks.textcls_select import select_and_report
+
+    runs = tmp_path / "runs"
+    for seed, acc in ((1, 73.0), (2, 74.0)):
+        _fake_run(runs, "rt", "layernorm", seed, acc)
+        better = acc + 0.5 + seed / 2  # +1.0, +1.5 over LayerNorm
+        _fake_run(runs, "rt", "adanorm", seed, better, name="adanorm_C1", norm_kwargs={"scale": 1})
+        _fake_run(
+            runs,
+            "rt",
+            "adanorm",
+            seed,
+            90.0,
+            name="adanorm_C2",
+            norm_kwargs={"scale": 2},
+            valid=1.0,
+        )
+    # The committed copies are both the input and the place the copies go: no SameFileError.
+    assert select_and_report(runs, tmp_path) == {"rt": 1.0}
+    table = (tmp_path / "report.csv").read_text().splitlines()
+    rows = {r["norm"]: r for r in csv.DictReader(table)}
+    assert set(rows) == {"layernorm", "adanorm(C=1)"}  # C = 2 lost on validation
+    assert rows["adanorm(C=1)"]["delta_vs_layernorm"] == "1.25"
+    assert "| rt | 2 | 2 |" in (tmp_path / "adanorm_C_selection.md").read_text()
+    # C is chosen over the seeds of one config: a run of another config is refused, not pooled.
+    _fake_run(runs, "rt", "layernorm", 3, 70.0, name="longer", config={"train.max_steps": 99})
+    with pytest.raises(ReportError, match="runs of rt differ in config keys train.max_steps"):
+        select_and_report(runs, tmp_path)
+
+
+REGENERATE = {  # results directory -> the command its README gives
+    "mnist": "adanorm report results/mnist/runs --out results/mnist",
+    "lm": "adanorm report results/lm/runs --out results/lm",
+    "mt": "adanorm report results/mt/runs --out results/mt",
+    "parsing": "adanorm report results/parsing/runs --out results/parsing",
+    "textcls": "python -m adanorm.lab.tasks.textcls_select results/textcls/runs results/textcls",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGENERATE))
+def test_committed_tables_regenerate_from_the_committed_runs(name: str, tmp_path: Path) -> None:
+    results = REPO / "results" / name
+    if not (results / "runs").is_dir():
+        pytest.skip(f"{results / 'runs'} not found")
+    readme = (results / "README.md").read_text()
+    assert REGENERATE[name] in readme, f"results/{name}/README.md lacks {REGENERATE[name]!r}"
+    if name == "textcls":
+        from adanorm.lab.tasks.textcls_select import select_and_report
+
+        copy = tmp_path / "runs"
+        shutil.copytree(results / "runs", copy)
+        select_and_report(copy, tmp_path)
+        tables = ["report.csv", "all_scales/report.csv", "adanorm_C_selection.md"]
+    else:
+        write_report(results / "runs", tmp_path)
+        tables = ["report.csv"]
+    for table in tables:
+        assert (tmp_path / table).read_text() == (results / table).read_text(), (
+            f"results/{name}/{table} is not what its runs give: run `{REGENERATE[name]}`"
+        )
 
 
 def test_paper_numbers_cover_eight_columns_and_five_norms() -> None:
