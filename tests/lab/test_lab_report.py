@@ -261,6 +261,14 @@ def test_a_duplicate_seed_is_an_error_naming_both_run_directories(tmp_path: Path
     assert str(first) in str(caught.value) and str(second) in str(caught.value)
 
 
+def test_one_label_for_two_different_norms_is_an_error(tmp_path: Path) -> None:
+    # C = 1 and C = 1.0000001 both print as adanorm(C=1): pooling them would hide a difference.
+    _fake_run(tmp_path, "mnist", "adanorm", 1, 99.0, norm_kwargs={"scale": 1})
+    _fake_run(tmp_path / "b", "mnist", "adanorm", 2, 99.1, norm_kwargs={"scale": 1.0000001})
+    with pytest.raises(ReportError, match=r"the label adanorm\(C=1\) of mnist stands for"):
+        write_report(tmp_path)
+
+
 def _cli_report(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "adanorm.lab.cli", "report", str(path)],
