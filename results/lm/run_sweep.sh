@@ -11,5 +11,11 @@ for seeds in 1 1,2; do
     --norms layernorm,layernorm-simple,none,detachnorm,adanorm \
     --seeds "$seeds" --threads 1 --jobs 2 --out "$OUT" --no-report
 done
-adanorm report "$OUT" --out results/lm
+# Per-run records (no checkpoints) go next to the report, which is written from them.
+find "$OUT" -name results.json | while read -r f; do
+  run="$(dirname "$f")"; dest="results/lm/runs/lm-cpu-sweep/${run#"$OUT"/}"
+  mkdir -p "$dest"
+  cp "$run"/{results.json,metrics.jsonl,config.yaml,run.json} "$dest"/
+done
+adanorm report results/lm/runs --out results/lm
 python -m adanorm.lab.tasks.lm_plots "$OUT" results/lm/figure1_bpc.png

@@ -12,10 +12,10 @@ for seeds in 1 1,2; do
     --norms layernorm,layernorm-simple,none,detachnorm,adanorm \
     --seeds "$seeds" --threads 1 --jobs 2 --out "$OUT" --no-report
 done
-adanorm report "$OUT" --out results/mt
-# Per-run records (no checkpoints) go next to the report.
+# Per-run records (no checkpoints) go next to the report, which is written from them.
 find "$OUT" -name results.json | while read -r f; do
   run="$(dirname "$f")"; dest="results/mt/runs/${run#"$OUT"/}"
   mkdir -p "$dest"
   cp "$run"/{results.json,metrics.jsonl,config.yaml,run.json,translations.test.txt,translations.test.tok.txt} "$dest"/
 done
+adanorm report results/mt/runs --out results/mt

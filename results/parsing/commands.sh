@@ -29,3 +29,7 @@ adanorm sweep parsing --preset cpu --set train.max_epochs=6 --norms layernorm,ad
 python -m adanorm.lab.tasks.parsing_plots runs/long-parsing \
   results/parsing/figure2_long_6epochs_seed1.png --dataset ewt
 # (its run files are copied to results/parsing/runs/long_6epochs/<norm>/seed1 the same way)
+
+# Regenerate report.md / report.csv / loss_curves_ewt_{1,2}.png from the committed runs above (the
+# 6-epoch pair is its own column, labelled train.max_epochs=6):
+adanorm report results/parsing/runs --out results/parsing

@@ -11,4 +11,6 @@ for seeds in 1 1,2 1,2,3; do
     --norms layernorm,layernorm-simple,none,detachnorm,adanorm --scales 1,2 \
     --seeds "$seeds" --threads 1 --jobs 1 --out "$OUT" --no-report
 done
-adanorm report "$OUT" --out results/textcls
+# choose C on validation, copy the run files, write the reports (not `adanorm report "$OUT"`,
+# which would put both C in report.md)
+python -m adanorm.lab.tasks.textcls_select "$OUT" results/textcls

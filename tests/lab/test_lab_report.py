@@ -6,15 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from lab_helpers import REPO
 
 from adanorm.lab.paper_numbers import paper_number, paper_table
-from adanorm.lab.report import write_report
+from adanorm.lab.report import ReportError, write_report
+from adanorm.lab.runinfo import norm_label
 from adanorm.lab.sweep import plan_sweep, run_sweep
 
 ACCS = {  # dataset -> norm -> per-seed test accuracy
@@ -27,8 +30,25 @@ ACCS = {  # dataset -> norm -> per-seed test accuracy
 }
 
 
-def _fake_run(root: Path, dataset: str, norm: str, seed: int, acc: float) -> None:
-    run = root / dataset / norm / f"seed{seed}"
+_ABSENT = object()  # a config value meaning: leave the key out of config.yaml
+
+
+def _fake_run(
+    root: Path,
+    dataset: str,
+    norm: str,
+    seed: int,
+    acc: float,
+    *,
+    name: str | None = None,
+    config: dict | None = None,
+    device: str | None = "cpu",
+    norm_kwargs: dict | None = None,
+    valid: float | None = None,
+) -> Path:
+    """A finished run as the trainer writes it: results.json, config.yaml, run.json and
+    metrics.jsonl; ``config`` holds dotted keys that override the base config."""
+    run = root / dataset / (name or norm) / f"seed{seed}"
     run.mkdir(parents=True)
     (run / "results.json").write_text(
         json.dumps(
@@ -36,24 +56,44 @@ def _fake_run(root: Path, dataset: str, norm: str, seed: int, acc: float) -> Non
                 "task": "x",
                 "dataset": dataset,
                 "norm": norm,
-                "norm_kwargs": {},
-                "norm_label": norm,
+                "norm_kwargs": norm_kwargs or {},
+                "norm_label": norm_label(norm, norm_kwargs),
                 "seed": seed,
                 "valid_metric": "acc",
                 "valid_mode": "max",
                 "test_metric": "acc",
                 "test_metric_label": "accuracy (%)",
-                "valid": {"acc": acc},
+                "valid": {"acc": acc if valid is None else valid},
                 "test": {"acc": acc},
             }
         )
     )
+    cfg: dict = {
+        "task": "x",
+        "seed": seed,
+        "data": {"name": dataset, "batch_size": 32},
+        "model": {"norm": norm, "norm_kwargs": norm_kwargs or {}},
+        "train": {"max_steps": 20, "eval_every": 10, "threads": 1, "average_checkpoints": 0},
+    }
+    for dotted, value in (config or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is _ABSENT:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if device is not None:
+        (run / "run.json").write_text(json.dumps({"environment": {"device": device}}))
     lines = [
         {"split": s, "step": k, "loss": 1.0 / (k + seed)}
         for k in (10, 20)
         for s in ("train", "valid")
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return run
 
 
 @pytest.fixture
@@ -68,7 +108,8 @@ def fake_sweep(tmp_path: Path) -> Path:
 def test_report_rows_tables_and_plots(fake_sweep: Path) -> None:
     report = write_report(fake_sweep)
     rows = {(r["dataset"], r["norm"]): r for r in report.rows}
-    assert set(report.rows[0]) == {"dataset", "norm", "metric", "mean", "std", "n"}
+    assert set(report.rows[0]) == {"dataset", "setting", "norm", "metric", "mean", "std", "n"}
+    assert {r["setting"] for r in report.rows} == {""}  # one config per dataset: no labels
     assert rows[("mnist", "adanorm")]["mean"] == pytest.approx(99.4)
     assert rows[("mnist", "adanorm")]["std"] == pytest.approx(0.1)
     assert rows[("mnist", "none")]["std"] == pytest.approx(0.5)
@@ -105,6 +146,274 @@ def test_report_json_cli(fake_sweep: Path) -> None:
 def test_report_of_an_empty_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         write_report(tmp_path)
+
+
+def _rows(report) -> dict[tuple[str, str, str], dict]:
+    return {(r["dataset"], r["setting"], r["norm"]): r for r in report.rows}
+
+
+def test_runs_of_different_configs_get_their_own_labelled_columns(tmp_path: Path) -> None:
+    # The committed LM case: a 1,000-step LayerNorm run beside a 2,500-step sweep.  Pooling it
+    # gave LayerNorm n = 3 and compared AdaNorm with a mixed reference.
+    long = {"train.max_steps": 2500, "schedule.warmup_steps": 60}
+    _fake_run(tmp_path, "lm", "layernorm", 1, 2.41, config=long)
+    _fake_run(tmp_path, "lm", "layernorm", 2, 2.38, config=long)
+    _fake_run(tmp_path, "lm", "adanorm", 1, 2.40, config=long)
+    _fake_run(tmp_path, "lm", "adanorm", 2, 2.36, config=long)
+    short = {"train.max_steps": 1000, "schedule.warmup_steps": 30}
+    _fake_run(tmp_path / "long", "lm", "layernorm", 1, 2.53, config=short)
+    report = write_report(tmp_path)
+    rows = _rows(report)
+    long_label = "schedule.warmup_steps=60, train.max_steps=2500"
+    short_label = "schedule.warmup_steps=30, train.max_steps=1000"
+    assert set(rows) == {
+        ("lm", long_label, "layernorm"),
+        ("lm", long_label, "adanorm"),
+        ("lm", short_label, "layernorm"),
+    }
+    assert rows[("lm", long_label, "layernorm")]["n"] == 2
+    assert rows[("lm", long_label, "layernorm")]["mean"] == pytest.approx(2.395)
+    assert rows[("lm", short_label, "layernorm")]["n"] == 1
+    md = report.markdown
+    assert f"| Norm | lm [{short_label}] | lm [{long_label}] |" in md
+    # Δ vs LayerNorm within the 2,500-step column only: (2.40 + 2.36 - 2.41 - 2.38) / 2
+    assert re.search(r"\| AdaNorm \| — \| -0\.02 \(p=[0-9.]+, paired t\) \|", md)
+    with open(tmp_path / "report.csv") as fh:
+        table = {(r["setting"], r["norm"]): r for r in csv.DictReader(fh)}
+    assert table[(short_label, "layernorm")]["n"] == "1"
+    assert table[(long_label, "adanorm")]["delta_vs_layernorm"] == "-0.015"
+    for index in (1, 2):
+        assert (tmp_path / f"loss_curves_lm_{index}.png").exists()
+
+
+def test_refuse_mixed_names_the_keys_that_differ(tmp_path: Path) -> None:
+    _fake_run(tmp_path, "lm", "layernorm", 1, 2.41, config={"train.max_steps": 2500})
+    _fake_run(tmp_path / "b", "lm", "layernorm", 1, 2.53, config={"train.max_steps": 1000})
+    with pytest.raises(ReportError, match=r"runs of lm differ in config keys train\.max_steps "):
+        write_report(tmp_path, refuse_mixed=True)
+    assert not (tmp_path / "report.md").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "adanorm.lab.cli", "report", str(tmp_path), "--refuse-mixed"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "train.max_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_keys_that_cannot_matter_do_not_split_a_column(tmp_path: Path) -> None:
+    # Threads, progress bar, logging and checkpoint intervals, download switch and data/cache
+    # directories never change what a run measures; a run from before average_checkpoints
+    # existed ran what average_checkpoints=0 means.
+    _fake_run(tmp_path, "mnist", "layernorm", 1, 99.0)
+    _fake_run(
+        tmp_path,
+        "mnist",
+        "layernorm",
+        2,
+        99.2,
+        config={
+            "train.threads": 4,
+            "train.progress": False,
+            "train.log_every": 7,
+            "train.checkpoint_every": 3,
+            "train.deterministic": False,
+            "train.device": "cpu",
+            "train.average_checkpoints": _ABSENT,
+            "data.download": True,
+            "data.cache_dir": "/elsewhere/cache",
+        },
+    )
+    rows = _rows(write_report(tmp_path))
+    assert rows[("mnist", "", "layernorm")]["n"] == 2
+
+
+@pytest.mark.parametrize(
+    ("changes", "device", "label"),
+    [
+        ({"train.average_checkpoints": 5}, "cpu", "train.average_checkpoints=5"),
+        ({"data.max_examples": 100}, "cpu", "data.max_examples=100"),
+        ({"train.eval_every": "epoch"}, "cpu", "train.eval_every=epoch"),
+        ({"data.protocol": "cv10"}, "cpu", "data.protocol=cv10"),  # a task key the base lacks
+        ({}, "cuda:1", "device=cuda"),  # the device actually used (run.json), not train.device
+        ({}, None, "device=(absent)"),  # no run.json: unknown device, not assumed equal
+    ],
+)
+def test_keys_that_can_matter_split_a_column(
+    tmp_path: Path, changes: dict, device: str | None, label: str
+) -> None:
+    _fake_run(tmp_path, "mnist", "layernorm", 1, 99.0)
+    _fake_run(tmp_path / "b", "mnist", "layernorm", 2, 99.2, config=changes, device=device)
+    rows = _rows(write_report(tmp_path))
+    assert len(rows) == 2 and all(row["n"] == 1 for row in rows.values())
+    assert label in {setting for _, setting, _ in rows}
+
+
+def test_a_duplicate_seed_is_an_error_naming_both_run_directories(tmp_path: Path) -> None:
+    first = _fake_run(tmp_path, "mnist", "layernorm", 1, 99.0)
+    # A different thread count is not a different experiment: still the same run twice.
+    second = _fake_run(
+        tmp_path / "again", "mnist", "layernorm", 1, 99.1, config={"train.threads": 2}
+    )
+    with pytest.raises(ReportError, match="seed 1 of mnist layernorm ran twice") as caught:
+        write_report(tmp_path)
+    assert str(first) in str(caught.value) and str(second) in str(caught.value)
+
+
+def test_one_label_for_two_different_norms_is_an_error(tmp_path: Path) -> None:
+    # C = 1 and C = 1.0000001 both print as adanorm(C=1): pooling them would hide a difference.
+    _fake_run(tmp_path, "mnist", "adanorm", 1, 99.0, norm_kwargs={"scale": 1})
+    _fake_run(tmp_path / "b", "mnist", "adanorm", 2, 99.1, norm_kwargs={"scale": 1.0000001})
+    with pytest.raises(ReportError, match=r"the label adanorm\(C=1\) of mnist stands for"):
+        write_report(tmp_path)
+
+
+def _cli_report(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "adanorm.lab.cli", "report", str(path)],
+        capture_output=True,
+        text=True,
+    )
+
+
+def _break_results(run: Path) -> Path:
+    (run / "results.json").write_text('{"task": "x", "dataset": ')
+    return run / "results.json"
+
+
+def _break_metrics(run: Path) -> Path:
+    # What a resume over a truncated log used to leave: a line of NUL bytes.
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write("\0" * 40 + "\n")
+    return run / "metrics.jsonl"
+
+
+def _metrics_without_loss(run: Path) -> Path:
+    (run / "metrics.jsonl").write_text('{"split": "train", "step": 10}\n')
+    return run / "metrics.jsonl"
+
+
+def _results_without_metric(run: Path) -> Path:
+    results = json.loads((run / "results.json").read_text())
+    del results["test"]["acc"]
+    (run / "results.json").write_text(json.dumps(results))
+    return run / "results.json"
+
+
+def _break_config(run: Path) -> Path:
+    (run / "config.yaml").write_text("model: [unclosed\n")
+    return run / "config.yaml"
+
+
+def _drop_config(run: Path) -> Path:
+    (run / "config.yaml").unlink()
+    return run / "config.yaml"
+
+
+def _break_run_json(run: Path) -> Path:
+    (run / "run.json").write_text("not json")
+    return run / "run.json"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _break_results,
+        _results_without_metric,
+        _break_metrics,
+        _metrics_without_loss,
+        _break_config,
+        _drop_config,
+        _break_run_json,
+    ],
+)
+def test_a_damaged_run_file_is_one_line_naming_it_with_exit_status_2(
+    tmp_path: Path, damage
+) -> None:
+    _fake_run(tmp_path, "mnist", "layernorm", 1, 99.0)
+    bad = damage(_fake_run(tmp_path, "mnist", "layernorm", 2, 99.2))
+    result = _cli_report(tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"adanorm report: error: {bad}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "report.md").exists()  # nothing half-written
+
+
+def test_a_missing_directory_is_one_line_with_exit_status_2(tmp_path: Path) -> None:
+    result = _cli_report(tmp_path / "nonexistent")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"adanorm report: error: {tmp_path / 'nonexistent'} is not a directory; give the "
+        "directory that holds the runs (their results.json files)\n"
+    )
+    empty = _cli_report(tmp_path)
+    assert empty.returncode == 2 and "no finished runs" in empty.stderr
+    assert empty.stderr.count("\n") == 1
+
+
+def test_textcls_select_regenerates_its_reports_in_place(tmp_path: Path) -> None:
+    from adanorm.lab.tasks.textcls_select import select_and_report
+
+    runs = tmp_path / "runs"
+    for seed, acc in ((1, 73.0), (2, 74.0)):
+        _fake_run(runs, "rt", "layernorm", seed, acc)
+        better = acc + 0.5 + seed / 2  # +1.0, +1.5 over LayerNorm
+        _fake_run(runs, "rt", "adanorm", seed, better, name="adanorm_C1", norm_kwargs={"scale": 1})
+        _fake_run(
+            runs,
+            "rt",
+            "adanorm",
+            seed,
+            90.0,
+            name="adanorm_C2",
+            norm_kwargs={"scale": 2},
+            valid=1.0,
+        )
+    # The committed copies are both the input and the place the copies go: no SameFileError.
+    assert select_and_report(runs, tmp_path) == {"rt": 1.0}
+    table = (tmp_path / "report.csv").read_text().splitlines()
+    rows = {r["norm"]: r for r in csv.DictReader(table)}
+    assert set(rows) == {"layernorm", "adanorm(C=1)"}  # C = 2 lost on validation
+    assert rows["adanorm(C=1)"]["delta_vs_layernorm"] == "1.25"
+    assert "| rt | 2 | 2 |" in (tmp_path / "adanorm_C_selection.md").read_text()
+    # C is chosen over the seeds of one config: a run of another config is refused, not pooled.
+    _fake_run(runs, "rt", "layernorm", 3, 70.0, name="longer", config={"train.max_steps": 99})
+    with pytest.raises(ReportError, match="runs of rt differ in config keys train.max_steps"):
+        select_and_report(runs, tmp_path)
+
+
+REGENERATE = {  # results directory -> the command its README gives
+    "mnist": "adanorm report results/mnist/runs --out results/mnist",
+    "lm": "adanorm report results/lm/runs --out results/lm",
+    "mt": "adanorm report results/mt/runs --out results/mt",
+    "parsing": "adanorm report results/parsing/runs --out results/parsing",
+    "textcls": "python -m adanorm.lab.tasks.textcls_select results/textcls/runs results/textcls",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(REGENERATE))
+def test_committed_tables_regenerate_from_the_committed_runs(name: str, tmp_path: Path) -> None:
+    results = REPO / "results" / name
+    if not (results / "runs").is_dir():
+        pytest.skip(f"{results / 'runs'} not found")
+    readme = (results / "README.md").read_text()
+    assert REGENERATE[name] in readme, f"results/{name}/README.md lacks {REGENERATE[name]!r}"
+    if name == "textcls":
+        from adanorm.lab.tasks.textcls_select import select_and_report
+
+        copy = tmp_path / "runs"
+        shutil.copytree(results / "runs", copy)
+        select_and_report(copy, tmp_path)
+        tables = ["report.csv", "all_scales/report.csv", "adanorm_C_selection.md"]
+    else:
+        write_report(results / "runs", tmp_path)
+        tables = ["report.csv"]
+    for table in tables:
+        assert (tmp_path / table).read_text() == (results / table).read_text(), (
+            f"results/{name}/{table} is not what its runs give: run `{REGENERATE[name]}`"
+        )
 
 
 def test_paper_numbers_cover_eight_columns_and_five_norms() -> None:

@@ -4,7 +4,7 @@ adanorm demo                         five norms on scikit-learn's digits, table 
 adanorm train mnist --preset cpu --set model.norm=adanorm model.norm_kwargs.scale=2
 torchrun --nproc-per-node 2 -m adanorm.lab.cli train mnist --preset cpu
 adanorm sweep mnist --norms layernorm,layernorm-simple,none,detachnorm,adanorm --seeds 3
-adanorm report runs/sweep-mnist [--json]
+adanorm report runs/sweep-mnist [--json] [--refuse-mixed]
 adanorm download mnist [--data-dir DIR]
 adanorm tasks
 adanorm analyze mnist --norms layernorm-simple,detach-mean,detach-std,detachnorm,adanorm
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--out", default=None, help="where to write report.md/csv/png (default: DIR)")
+    p.add_argument(
+        "--refuse-mixed",
+        action="store_true",
+        help="error if a dataset's runs differ in config beyond the seed (default: one labelled "
+        "column per config)",
+    )
 
     p = sub.add_parser("demo", help="the five norms on scikit-learn's digits (< 2 minutes)")
     p.add_argument(
@@ -198,9 +204,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import ReportError, write_report
 
-    report = write_report(Path(args.dir), Path(args.out) if args.out else None)
+    try:
+        report = write_report(
+            Path(args.dir), Path(args.out) if args.out else None, refuse_mixed=args.refuse_mixed
+        )
+    except ReportError as exc:
+        print(f"adanorm report: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report.rows, indent=2))
     else:

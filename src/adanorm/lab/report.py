@@ -1,13 +1,26 @@
 """Tables and plots for a directory of finished runs (any task, any number of datasets).
 
-Every ``results.json`` below the directory is one run.  Runs are grouped by dataset and norm label
-(the norm plus its kwargs, e.g. ``adanorm(C=2)``); each group gives mean ± sample std of the
-task's test metric over seeds.  Outputs, written atomically into the output directory:
+Every ``results.json`` below the directory is one run.  Runs are pooled over seeds only when they
+ran the same experiment: the same dataset, the same norm label (the norm plus its kwargs, e.g.
+``adanorm(C=2)``) and the same ``config.yaml`` apart from the seed and the keys in
+:data:`IGNORED_KEYS`.  Runs of one dataset whose configs differ in anything else get one column per
+config, labelled by the keys that differ (``tiny_shakespeare [train.max_steps=1000]``), or, with
+``refuse_mixed=True``, an error that names the keys.  Two runs of the same experiment and seed are
+an error that names both run directories.
 
-* ``report.md``: the table (one row per norm, one column per dataset, the paper's number beside
-  ours), the Δ vs LayerNorm table with a test across seeds, and the plots;
-* ``report.csv``: the same numbers, one line per (dataset, norm);
-* ``loss_curves_<dataset>.png``: train and valid loss per norm.
+Each column gives, per norm, mean ± sample std of the task's test metric over seeds.  Outputs,
+written atomically into the output directory:
+
+* ``report.md``: the table (one row per norm, one column per dataset and config, the paper's number
+  beside ours), the Δ vs LayerNorm table with a test across seeds (within a column only), and the
+  plots;
+* ``report.csv``: the same numbers, one line per (dataset, config, norm);
+* ``loss_curves_<dataset>.png`` (``loss_curves_<dataset>_<i>.png`` when a dataset has several
+  configs): train and valid loss per norm.
+
+A missing directory, a run without ``config.yaml`` and a malformed ``results.json``,
+``config.yaml``, ``run.json`` or ``metrics.jsonl`` raise :class:`ReportError` with one line that
+names the file.
 """
 
 from __future__ import annotations
@@ -22,11 +35,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .checkpoint import atomic_write_text
 from .paper_numbers import paper_column, paper_number, paper_table
-from .plots import display_name, plot_loss_curves, read_metrics
+from .plots import display_name, plot_loss_curves
 
-__all__ = ["Report", "collect_runs", "summarize", "write_report", "compare_to_reference"]
+__all__ = [
+    "IGNORED_KEYS",
+    "NoRunsError",
+    "Report",
+    "ReportError",
+    "collect_runs",
+    "compare_to_reference",
+    "config_identity",
+    "label_settings",
+    "summarize",
+    "write_report",
+]
 
 NORM_ORDER = [
     "layernorm",
@@ -39,6 +65,52 @@ NORM_ORDER = [
 ]
 REFERENCE = "layernorm"
 
+# Config keys that cannot change what a run measures, so runs that differ only in them are pooled.
+# Each one only says how a run is executed or bookkept, never what is trained, on which data, or
+# how the reported checkpoint is selected:
+# * seed: what we pool over;
+# * train.threads: intra-op threads (only the floating-point summation order changes);
+# * train.deterministic: deterministic kernels (same computation, at most run-to-run noise);
+# * train.device: replaced by the device the run actually used, from run.json (see DEVICE_KEY);
+# * train.progress, train.log_every: the progress bar and how often train loss is logged;
+# * train.checkpoint_every: how often the last state is saved for resuming (never selects a
+#   model: the best checkpoint is taken at every evaluation, set by train.eval_every, which counts);
+# * data.download: whether a missing dataset may be fetched (a fetched file is checksum-verified);
+# * data.<anything>_dir (data.raw_dir, data.cache_dir, data.ptb_dir, ...): where the data or its
+#   preprocessing cache lives, not what it is.
+# Output paths (the run directory) are not config keys.  The model's norm and its kwargs are the
+# row label, not a column.  Everything else, including keys a task adds, splits columns.
+IGNORED_KEYS = frozenset(
+    {
+        "seed",
+        "train.threads",
+        "train.deterministic",
+        "train.device",
+        "train.progress",
+        "train.log_every",
+        "train.checkpoint_every",
+        "data.download",
+    }
+)
+ROW_KEYS = frozenset({"model.norm", "model.norm_kwargs"})
+# The device type a run trained on (cpu, cuda), from run.json's environment.device: on CUDA,
+# TF32 matmuls and different kernels change the numerics by more than summation order does.
+DEVICE_KEY = "device"
+# Keys that older runs lack, with the value that reproduces what those runs did.  Only keys whose
+# absence is known to mean that value belong here; any other absent key splits columns as
+# "(absent)".  train.average_checkpoints arrived in d189af7; before it the final model was always
+# the best checkpoint, which is what 0 means.
+LEGACY_DEFAULTS = {"train.average_checkpoints": 0}
+ABSENT = "(absent)"
+
+
+class ReportError(ValueError):
+    """The runs cannot be reported as asked; the one-line message names the file or keys."""
+
+
+class NoRunsError(ReportError, FileNotFoundError):
+    """The directory does not exist or holds no finished run."""
+
 
 @dataclass
 class Report:
@@ -47,17 +119,176 @@ class Report:
     files: list[Path] = field(default_factory=list)
 
 
+def _canonical(value: Any) -> Any:
+    """A value with 1 and 1.0 made equal (YAML writes a float-valued int either way)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        # *_kwargs are free-form keyword arguments: one value, as the config validates them.
+        if isinstance(value, dict) and not str(key).endswith("_kwargs"):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = _canonical(value)
+    return flat
+
+
+def _ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or (key.startswith("data.") and key.endswith("_dir"))
+
+
+def config_identity(config: dict[str, Any], device: str | None) -> dict[str, str]:
+    """The flattened config keys that define the experiment (norm keys and ignored keys
+    dropped, legacy defaults filled in, ``device`` added), each as canonical JSON text."""
+    flat = _flatten(config)
+    for key, value in LEGACY_DEFAULTS.items():
+        flat.setdefault(key, value)
+    identity = {
+        key: json.dumps(value, sort_keys=True)
+        for key, value in flat.items()
+        if not _ignored(key) and key not in ROW_KEYS
+    }
+    identity[DEVICE_KEY] = json.dumps(device if device is not None else ABSENT)
+    return identity
+
+
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot be read ({exc}); {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON ({exc}); {fix}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_results(result: Any, path: Path, fix: str) -> None:
+    if not isinstance(result, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(result).__name__}; {fix}")
+    for key in ("dataset", "norm", "norm_label", "test_metric"):
+        if not isinstance(result.get(key), str):
+            raise ReportError(f"{path}: missing or non-string {key!r}; {fix}")
+    if not isinstance(result.get("seed"), int) or isinstance(result.get("seed"), bool):
+        raise ReportError(f"{path}: missing or non-integer 'seed'; {fix}")
+    test = result.get("test")
+    metric = result["test_metric"]
+    if not isinstance(test, dict) or not _is_number(test.get(metric)):
+        raise ReportError(f"{path}: no number at test.{metric} (its test_metric); {fix}")
+
+
+def _read_config(run_dir: Path, fix: str) -> dict[str, Any]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ReportError(
+            f"{path} is missing: without the run's config it cannot be told apart from other "
+            f"configs; {fix}"
+        )
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ReportError(f"{path}: not a readable YAML config ({detail}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{path}: expected a YAML mapping, got {type(config).__name__}; {fix}")
+    return config
+
+
+def _read_device(run_dir: Path, fix: str) -> str | None:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return None
+    info = _read_json(path, fix)
+    device = info.get("environment", {}).get("device") if isinstance(info, dict) else None
+    if not isinstance(device, str):
+        raise ReportError(f"{path}: no string at environment.device; {fix}")
+    return device.partition(":")[0]  # cuda:1 and cuda:0 are the same kind of device
+
+
 def collect_runs(root: Path) -> list[dict[str, Any]]:
-    """All finished runs below ``root`` (each ``results.json``, with ``run_dir`` added)."""
+    """All finished runs below ``root``: each ``results.json``, with ``run_dir`` and
+    ``config_identity`` (see :func:`config_identity`) added."""
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory")
+        raise NoRunsError(
+            f"{root} is not a directory; give the directory that holds the runs (their "
+            "results.json files)"
+        )
     runs = []
     for path in sorted(root.rglob("results.json")):
-        with open(path, encoding="utf-8") as fh:
-            result = json.load(fh)
+        fix = f"re-run that run, or move {path.parent} out of {root}"
+        result = _read_json(path, fix)
+        _check_results(result, path, fix)
+        config = _read_config(path.parent, fix)
+        if config.get("seed") != result["seed"]:
+            raise ReportError(
+                f"{path}: seed {result['seed']} but its config.yaml says seed "
+                f"{config.get('seed')!r}; {fix}"
+            )
         result["run_dir"] = str(path.parent)
+        result["config_identity"] = config_identity(config, _read_device(path.parent, fix))
         runs.append(result)
     return runs
+
+
+def _show(value_json: str) -> str:
+    value = json.loads(value_json)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def label_settings(runs: list[dict[str, Any]], refuse_mixed: bool = False) -> None:
+    """Set each run's ``setting``: "" when every run of its dataset has the same config (apart
+    from the seed, the norm and :data:`IGNORED_KEYS`), else the keys that differ between the
+    dataset's configs with this run's values, e.g. ``train.max_steps=1000``.  With
+    ``refuse_mixed``, a dataset with several configs is a :class:`ReportError` instead."""
+    by_dataset: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        by_dataset[run["dataset"]].append(run)
+    for dataset, members in by_dataset.items():
+        keys = sorted(set().union(*(run["config_identity"] for run in members)))
+        differing = [
+            key
+            for key in keys
+            if len({run["config_identity"].get(key, ABSENT) for run in members}) > 1
+        ]
+        if differing and refuse_mixed:
+            first = members[0]
+            other = next(
+                run
+                for run in members
+                if any(
+                    run["config_identity"].get(k, ABSENT) != first["config_identity"].get(k, ABSENT)
+                    for k in differing
+                )
+            )
+            raise ReportError(
+                f"runs of {dataset} differ in config keys {', '.join(differing)} (e.g. "
+                f"{first['run_dir']} vs {other['run_dir']}); report each config from its own "
+                "directory, or drop --refuse-mixed to get one labelled column per config"
+            )
+        for run in members:
+            run["setting"] = ", ".join(
+                f"{key}={_show(run['config_identity'][key])}"
+                if key in run["config_identity"]
+                else f"{key}={ABSENT}"
+                for key in differing
+            )
 
 
 def _sort_key(label: str) -> tuple[int, str]:
@@ -66,17 +297,37 @@ def _sort_key(label: str) -> tuple[int, str]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (dataset, norm label): mean, std (sample, ddof=1; None for one seed), n."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    """One row per (dataset, setting, norm label): mean, std (sample, ddof=1; None for one seed),
+    n.  Runs without a ``setting`` (see :func:`label_settings`) count as setting "".  Two runs of
+    the same row and seed are a :class:`ReportError` naming both run directories."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        groups[(run["dataset"], run["norm_label"])].append(run)
+        groups[(run["dataset"], run.get("setting", ""), run["norm_label"])].append(run)
     rows = []
-    for (dataset, label), members in groups.items():
+    for (dataset, setting, label), members in groups.items():
+        norms = {json.dumps([m["norm"], _canonical(m.get("norm_kwargs") or {})]) for m in members}
+        if len(norms) > 1:
+            several = "; ".join(sorted(norms))
+            raise ReportError(
+                f"the label {label} of {dataset} stands for several norms ({several}), e.g. in "
+                f"{members[0]['run_dir']}; give them kwargs that print differently"
+            )
+        by_seed: dict[int, dict[str, Any]] = {}
+        for member in members:
+            seed = int(member["seed"])
+            if seed in by_seed:
+                raise ReportError(
+                    f"seed {seed} of {dataset} {label} ran twice with the same config: "
+                    f"{by_seed[seed]['run_dir']} and {member['run_dir']}; move one of them out "
+                    "of the report's directory"
+                )
+            by_seed[seed] = member
         metric = members[0]["test_metric"]
         values = [float(m["test"][metric]) for m in members]
         rows.append(
             {
                 "dataset": dataset,
+                "setting": setting,
                 "norm": label,
                 "metric": metric,
                 "mean": statistics.fmean(values),
@@ -88,7 +339,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "_higher": members[0].get("valid_mode", "max") == "max",
             }
         )
-    rows.sort(key=lambda r: (r["dataset"], _sort_key(r["norm"])))
+    rows.sort(key=lambda r: (r["dataset"], r["setting"], _sort_key(r["norm"])))
     return rows
 
 
@@ -125,21 +376,68 @@ def _paper(dataset: str, norm: str) -> float | str | None:
     return paper_number(dataset, norm)
 
 
-def write_report(root: Path, out: Path | None = None) -> Report:
-    """Summarize the runs below ``root``; write report.md, report.csv and the loss-curve PNGs."""
+def _read_metrics(path: Path, fix: str) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a line that is not a JSON object, or a train/valid
+    record without a numeric step and loss (what the plots read), is a :class:`ReportError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot be read ({exc}); {fix}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}: line {number} is not valid JSON ({exc}); {fix}") from None
+        if not isinstance(record, dict):
+            raise ReportError(f"{path}: line {number} is not a JSON object; {fix}")
+        if record.get("split") in ("train", "valid"):
+            for key in ("step", "loss"):
+                if not _is_number(record.get(key)):
+                    raise ReportError(
+                        f"{path}: line {number} ({record['split']}) has no number at {key!r}; {fix}"
+                    )
+        records.append(record)
+    return records
+
+
+def _column_title(dataset: str, setting: str) -> str:
+    return f"{dataset} [{setting}]" if setting else dataset
+
+
+def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = False) -> Report:
+    """Summarize the runs below ``root``; write report.md, report.csv and the loss-curve PNGs.
+
+    Runs of a dataset whose configs differ beyond the seed and :data:`IGNORED_KEYS` get one
+    column per config (labelled by the differing keys), or a :class:`ReportError` with
+    ``refuse_mixed``."""
     runs = collect_runs(root)
     if not runs:
-        raise FileNotFoundError(f"no finished runs (results.json files) below {root}")
+        raise NoRunsError(
+            f"no finished runs (results.json files) below {root}; give the directory that holds "
+            "the runs"
+        )
+    label_settings(runs, refuse_mixed=refuse_mixed)
+    rows = summarize(runs)
+    # Metrics files are read (and checked) before anything is written, so a bad file leaves the
+    # previous report untouched.
+    metrics_by_run: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        metrics = Path(run["run_dir"]) / "metrics.jsonl"
+        if metrics.exists():
+            fix = f"re-run that run, or move {metrics.parent} out of {root}"
+            metrics_by_run[run["run_dir"]] = _read_metrics(metrics, fix)
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarize(runs)
-    datasets = sorted({r["dataset"] for r in rows})
+    columns = sorted({(r["dataset"], r["setting"]) for r in rows})
     labels = sorted({r["norm"] for r in rows}, key=_sort_key)
-    by_key = {(r["dataset"], r["norm"]): r for r in rows}
+    by_key = {(r["dataset"], r["setting"], r["norm"]): r for r in rows}
 
-    # Δ vs LayerNorm, ours and the paper's.
+    # Δ vs LayerNorm of the same column (same dataset and config), ours and the paper's.
     for row in rows:
-        ref = by_key.get((row["dataset"], REFERENCE))
+        ref = by_key.get((row["dataset"], row["setting"], REFERENCE))
         row["_paper"] = _paper(row["dataset"], row["_norm"])
         if ref is not None and row is not ref:
             row["_delta"], row["_p"], row["_test"] = compare_to_reference(row, ref)
@@ -158,25 +456,32 @@ def write_report(root: Path, out: Path | None = None) -> Report:
         f"(best checkpoint by the validation metric), then the paper's number where the "
         "paper has the dataset."
     )
+    if any(setting for _, setting in columns):
+        lines += [
+            "",
+            "Runs are pooled only over seeds of the same config. Where a dataset's runs differ "
+            "in other config keys, each config is its own column, labelled `dataset [key=value, "
+            "...]` with the keys that differ; Δ vs LayerNorm compares within a column only.",
+        ]
     lines.append("")
     header = (
         "| Norm | "
         + " | ".join(
-            f"{d}"
+            _column_title(d, s)
             + (
                 f" (paper: {paper_table()['columns'][paper_column(d)]['label']})"
                 if paper_column(d)
                 else ""
             )
-            for d in datasets
+            for d, s in columns
         )
         + " |"
     )
-    lines += [header, "|---" * (len(datasets) + 1) + "|"]
+    lines += [header, "|---" * (len(columns) + 1) + "|"]
     for label in labels:
         cells = []
-        for d in datasets:
-            r = by_key.get((d, label))
+        for d, s in columns:
+            r = by_key.get((d, s, label))
             if r is None:
                 cells.append("")
                 continue
@@ -193,15 +498,15 @@ def write_report(root: Path, out: Path | None = None) -> Report:
         "Ours: Δ of the means, with the two-sided p-value of a t-test across seeds (paired "
         "by seed when both norms ran the same seeds). Paper: the same Δ in the paper's table.",
         "",
-        "| Norm | " + " | ".join(datasets) + " |",
-        "|---" * (len(datasets) + 1) + "|",
+        "| Norm | " + " | ".join(_column_title(d, s) for d, s in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
     for label in labels:
         if label == REFERENCE:
             continue
         cells = []
-        for d in datasets:
-            r = by_key.get((d, label))
+        for d, s in columns:
+            r = by_key.get((d, s, label))
             if r is None or r["_delta"] is None:
                 cells.append("—")
                 continue
@@ -214,17 +519,20 @@ def write_report(root: Path, out: Path | None = None) -> Report:
 
     files: list[Path] = []
     plot_lines = ["", "## Loss curves", ""]
-    for d in datasets:
-        runs_by_norm: dict[str, list[list[dict]]] = defaultdict(list)
-        for run in runs:
-            metrics = Path(run["run_dir"]) / "metrics.jsonl"
-            if run["dataset"] == d and metrics.exists():
-                runs_by_norm[run["norm_label"]].append(read_metrics(metrics))
-        if runs_by_norm:
+    for d in sorted({d for d, _ in columns}):
+        settings = [s for dataset, s in columns if dataset == d]
+        for index, s in enumerate(settings, start=1):
+            runs_by_norm: dict[str, list[list[dict]]] = defaultdict(list)
+            for run in runs:
+                if run["dataset"] == d and run["setting"] == s and run["run_dir"] in metrics_by_run:
+                    runs_by_norm[run["norm_label"]].append(metrics_by_run[run["run_dir"]])
+            if not runs_by_norm:
+                continue
             ordered = {k: runs_by_norm[k] for k in sorted(runs_by_norm, key=_sort_key)}
-            png = plot_loss_curves(ordered, out / f"loss_curves_{d}.png", d)
+            name = f"loss_curves_{d}.png" if len(settings) == 1 else f"loss_curves_{d}_{index}.png"
+            png = plot_loss_curves(ordered, out / name, _column_title(d, s))
             files.append(png)
-            plot_lines.append(f"![{d} loss curves]({png.name})")
+            plot_lines.append(f"![{_column_title(d, s)} loss curves]({png.name})")
     lines += plot_lines
     markdown = "\n".join(lines) + "\n"
 
@@ -244,6 +552,7 @@ def write_report(root: Path, out: Path | None = None) -> Report:
             "test",
             "paper_delta_vs_layernorm",
             "per_seed",
+            "setting",
         ]
     )
     for r in rows:
@@ -261,10 +570,14 @@ def write_report(root: Path, out: Path | None = None) -> Report:
                 r["_test"],
                 "" if r["_paper_delta"] is None else f"{r['_paper_delta']:.6g}",
                 ";".join(f"{s}:{v:.6g}" for s, v in sorted(r["_seeds"].items())),
+                r["setting"],
             ]
         )
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.csv", buffer.getvalue())
     files = [out / "report.md", out / "report.csv", *files]
-    public = [{k: r[k] for k in ("dataset", "norm", "metric", "mean", "std", "n")} for r in rows]
+    public = [
+        {k: r[k] for k in ("dataset", "setting", "norm", "metric", "mean", "std", "n")}
+        for r in rows
+    ]
     return Report(markdown=markdown, rows=public, files=files)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_text
-from ..report import collect_runs, write_report
+from ..report import collect_runs, label_settings, write_report
 
 __all__ = ["choose_scales", "select_and_report"]
 
@@ -77,6 +77,8 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
 
 
 def _copy_light(run_dir: Path, target: Path) -> None:
+    if target.resolve() == run_dir.resolve():
+        return  # regenerating the reports from the committed copies: nothing to copy
     target.mkdir(parents=True, exist_ok=True)
     for name in LIGHT_FILES:
         if (run_dir / name).exists():
@@ -92,6 +94,8 @@ def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
     runs = collect_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no finished runs (results.json files) below {sweep_dir}")
+    # C is chosen over the seeds of one config per dataset; mixed configs would be pooled.
+    label_settings(runs, refuse_mixed=True)
     chosen, rows = choose_scales(runs)
     out.mkdir(parents=True, exist_ok=True)
     runs_out = out / "runs"
