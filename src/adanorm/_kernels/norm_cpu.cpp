@@ -106,7 +106,10 @@ inline bool row_stats(const float* x, int64_t n, double eps, bool unbiased, RowS
   const float sum = row_sum(x, n);
   const float mean = sum / static_cast<float>(n);
   const float ss = row_centered_sum_of_squares(x, n, mean);
-  if (!(std::isfinite(sum) && ss <= FLT_MAX) || (ss > 0.f && ss < 0x1p-100f)) return false;
+  // Squares below ~2^-100 lose precision or vanish; that only matters when eps does not
+  // dominate them (eps < 2^-60), or when they are not all lost (ss > 0).
+  if (!(std::isfinite(sum) && ss <= FLT_MAX) || (ss < 0x1p-100f && (ss > 0.f || eps < 0x1p-60)))
+    return false;
   double rstd;
   if (unbiased) {
     rstd = 1.0 / (std::sqrt(static_cast<double>(ss) / static_cast<double>(n - 1)) + eps);
