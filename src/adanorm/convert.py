@@ -182,7 +182,8 @@ def convert_norms(
     device, dtype, the gain/bias values and ``requires_grad`` when the target has them, the
     ``training`` flag and all hooks.  A target with optional gain/bias (``"layernorm"``) gets the
     source's parameter set (``LayerNorm(bias=False)`` stays without bias, a parameter-free norm
-    stays parameter-free) unless ``elementwise_affine``/``bias`` are given in ``kwargs``.  A module shared by several parents stays one shared module.
+    stays parameter-free) unless ``elementwise_affine``/``bias`` are given in ``kwargs``.  A
+    module shared by several parents stays one shared module.
     Modules already equal to the target are left alone, so converting twice changes nothing.
 
     Args:
