@@ -142,6 +142,75 @@ def test_meta_device_model():
     assert isinstance(model[1], AdaNorm)
 
 
+# ---- issue #15 ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["adanorm", "layernorm-simple", "detachnorm", "none",
+                                    "layernorm:unbiased", "layernorm:no-affine", "layernorm"])
+def test_converted_torch_transformer_runs_in_eval(target):
+    # nn.TransformerEncoderLayer's fused inference fast path reads norm1.weight / norm1.eps and
+    # computes nn.LayerNorm itself: after conversion eval must run the ordinary forward.
+    kwargs = {}
+    if target == "layernorm:unbiased":
+        target, kwargs = "layernorm", {"std_mode": "unbiased"}
+    elif target == "layernorm:no-affine":
+        target, kwargs = "layernorm", {"elementwise_affine": False}
+    model = _transformer()
+    convert_norms(model, target, **kwargs)
+    src, tgt = torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    reference = model(src, tgt).detach()  # training mode, dropout 0: the ordinary forward
+    model.eval()
+    with torch.no_grad():
+        no_grad = model(src, tgt)
+    with_grad = model(src, tgt)
+    with torch.inference_mode():
+        inference = model(src, tgt)
+    # eval without grad also lets nn.MultiheadAttention take its own fused path: rounding only.
+    for out in (no_grad, with_grad, inference):
+        torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["adanorm", "layernorm-simple"])
+def test_converted_encoder_with_padding_mask_in_eval(target):
+    # With a padding mask, nn.TransformerEncoder's eval path would pack a nested tensor for the
+    # fused layers; after conversion it must run the ordinary layers and agree with training.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    convert_norms(encoder, target)
+    src = torch.randn(2, 5, 16)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    reference = encoder(src, src_key_padding_mask=mask).detach()
+    encoder.eval()
+    with torch.no_grad():
+        out = encoder(src, src_key_padding_mask=mask)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_layernorm_equivalent_conversion_keeps_the_fast_path():
+    model = _transformer()
+    convert_norms(model, "layernorm")
+    assert all(layer.activation_relu_or_gelu for layer in model.encoder.layers)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [lambda: nn.LayerNorm(8, bias=False), lambda: nn.LayerNorm(8, elementwise_affine=False),
+     lambda: nn.LayerNorm(8), lambda: LayerNormSimple(8), lambda: AdaNorm(8)],
+    ids=["no-bias", "no-affine", "affine", "simple", "adanorm"],
+)
+def test_conversion_to_layernorm_keeps_the_parameter_set(source):
+    model = nn.Sequential(nn.Linear(8, 8), source())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = sum(p.numel() for p in model.parameters())
+    convert_norms(model, "layernorm")
+    assert isinstance(model[1], LayerNorm)
+    assert sum(p.numel() for p in model.parameters()) == before
+    model.load_state_dict(state, strict=True)
+    # Explicit arguments still win.
+    convert_norms(model, "layernorm", elementwise_affine=True, bias=True)
+    assert model[1].weight is not None and model[1].bias is not None
+
+
 # ------------------------------------------------------------------------------------------------
 # HuggingFace models built offline from a config (no hub download).
 # ------------------------------------------------------------------------------------------------

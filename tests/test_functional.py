@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.gradcheck import GradcheckError
 
+import adanorm
 import adanorm.functional as AF
 from reference import VARIANTS, reference_norm
 
@@ -324,3 +325,249 @@ def test_float64_is_computed_in_float64():
         atol=1e-6,
     )
     assert math.isfinite(AF.ada_norm(x, 33).sum().item())
+
+
+# ---- issue #15: one validation for modules and functional forms ------------------------------
+
+_X8 = torch.randn(3, 8)
+
+BAD_CALLS = [
+    # (description, functional call, module constructor or None, error type, message pattern)
+    ("eps=-1", lambda: AF.layer_norm_simple(_X8, 8, eps=-1.0),
+     lambda: adanorm.LayerNormSimple(8, eps=-1.0), ValueError, r"eps must be >= 0, got -1\.0"),
+    ("eps=-1 ada", lambda: AF.ada_norm(_X8, 8, eps=-1),
+     lambda: adanorm.AdaNorm(8, eps=-1), ValueError, r"eps must be >= 0, got -1"),
+    ("eps=-1 affine", lambda: AF.layer_norm(_X8, 8, torch.ones(8), torch.zeros(8), -1.0),
+     lambda: adanorm.LayerNorm(8, eps=-1.0), ValueError, r"eps must be >= 0"),
+    ("eps=nan", lambda: AF.detach_norm(_X8, 8, eps=float("nan")),
+     lambda: adanorm.DetachNorm(8, eps=float("nan")), ValueError, r"eps must be >= 0, got nan"),
+    ("eps=inf", lambda: AF.normalize(_X8, 8, eps=math.inf),
+     lambda: adanorm.LayerNormSimple(8, eps=math.inf), ValueError, r"eps .* got inf"),
+    ("eps='1e-5'", lambda: AF.layer_norm(_X8, 8, eps="1e-5"),
+     lambda: adanorm.LayerNorm(8, eps="1e-5"), TypeError, r"eps must be a real number"),
+    ("scale=0", lambda: AF.ada_norm(_X8, 8, scale=0),
+     lambda: adanorm.AdaNorm(8, scale=0), ValueError, r"scale \(C\) must be > 0, got 0"),
+    ("scale=-1", lambda: AF.ada_norm(_X8, 8, scale=-1.0),
+     lambda: adanorm.AdaNorm(8, scale=-1.0), ValueError, r"scale \(C\) must be > 0, got -1"),
+    ("scale=inf", lambda: AF.ada_norm(_X8, 8, scale=math.inf),
+     lambda: adanorm.AdaNorm(8, scale=math.inf), ValueError, r"scale \(C\) must be > 0, got inf"),
+    ("scale='2'", lambda: AF.ada_norm(_X8, 8, scale="2"),
+     lambda: adanorm.AdaNorm(8, scale="2"), TypeError, r"scale \(C\) must be a real number.*'2'"),
+    ("scale=None", lambda: AF.ada_norm(_X8, 8, scale=None),
+     lambda: adanorm.AdaNorm(8, scale=None), ValueError, r"scale \(C\) > 0, got None"),
+    ("k<0", lambda: AF.ada_norm(_X8, 8, k=-0.1),
+     lambda: adanorm.AdaNorm(8, k=-0.1), ValueError, r"k must be > 0, got -0\.1"),
+    ("k=nan", lambda: AF.normalize(_X8, 8, scale=1.0, k=float("nan")),
+     lambda: adanorm.AdaNorm(8, k=float("nan")), ValueError, r"k must be > 0, got nan"),
+    ("normalized_shape=()", lambda: AF.normalize(_X8, ()),
+     lambda: adanorm.LayerNormSimple(()), ValueError, r"normalized_shape .* got \(\)"),
+    ("normalized_shape=2.5", lambda: AF.ada_norm(_X8, 2.5),
+     lambda: adanorm.AdaNorm(2.5), ValueError, r"normalized_shape .* got 2\.5"),
+    ("width 0", lambda: AF.ada_norm(torch.randn(3, 0), 0),
+     lambda: adanorm.AdaNorm(0), ValueError, r"normalized_shape .* got 0"),
+    ("width 0 tuple", lambda: AF.detach_norm(torch.randn(3, 4, 0), (4, 0)),
+     lambda: adanorm.DetachNorm((4, 0)), ValueError, r"normalized_shape .* got \(4, 0\)"),
+    ("std_mode", lambda: AF.ada_norm(_X8, 8, std_mode="Bessel"),
+     lambda: adanorm.AdaNorm(8, std_mode="Bessel"), ValueError, r"std_mode .* 'Bessel'"),
+    ("unbiased H=1", lambda: AF.layer_norm(torch.randn(3, 1), 1, std_mode="unbiased"),
+     lambda: adanorm.LayerNorm(1, std_mode="unbiased"), ValueError, r"at least 2"),
+    ("weight shape", lambda: AF.layer_norm(torch.randn(3, 4, 2), (4, 2), torch.ones(2, 4),
+                                           std_mode="unbiased"),
+     None, ValueError, r"weight must have shape \[4, 2\].*\[2, 4\]"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_functional_and_modules_share_one_validation(case):
+    _, functional_call, module_call, error, pattern = case
+    with pytest.raises(error, match=pattern):
+        functional_call()
+    if module_call is not None:
+        with pytest.raises(error, match=pattern):
+            module_call()
+
+
+def test_valid_edge_arguments_are_accepted():
+    x = torch.randn(3, 8)
+    assert AF.layer_norm_simple(x, 8, eps=0).shape == x.shape  # an int eps, and eps = 0
+    assert AF.ada_norm(x, torch.Size([8]), scale=2, k=1).shape == x.shape
+    assert AF.normalize(x, [8], eps=1e-5).shape == x.shape
+    import numpy as np
+
+    assert AF.detach_norm(x, np.int64(8), eps=np.float32(1e-5)).shape == x.shape
+
+
+# ---- issue #15: inference mode must not poison later training -------------------------------
+
+@pytest.mark.parametrize("path", ["fast", "fallback"])
+def test_inference_mode_then_training(path, monkeypatch):
+    if path == "fallback":
+        monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    AF._constant_cache.clear()
+    norms = [
+        (adanorm.LayerNorm(16, elementwise_affine=False), torch.float32),
+        (adanorm.LayerNormSimple(16), torch.float64),
+        (adanorm.DetachNorm(16, detach_std=False), torch.float64),
+        (adanorm.AdaNorm(16), torch.float32),
+        (adanorm.LayerNormSimple(16), torch.float32),
+    ]
+    with torch.inference_mode():
+        for norm, dtype in norms:
+            norm(torch.randn(4, 16, dtype=dtype))
+    for norm, dtype in norms:
+        x = torch.randn(4, 16, dtype=dtype, requires_grad=True)
+        norm(x).square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ---- issue #15: second derivatives, exact with the detached statistics held constant ---------
+
+def _second_order(fn, x, w, b, g, v):
+    """First-order grads of ``fn`` and the gradient of <first-order grads, v> with respect to x,
+    the parameters and g: a Hessian-vector product and the mixed derivative."""
+    leaves = [t for t in (x, w, b) if t is not None]
+    g = g.clone().requires_grad_(True)
+    out = fn(x, w, b)
+    first = torch.autograd.grad(out, leaves, g, create_graph=True)
+    dot = sum((f * vi).sum() for f, vi in zip(first, v, strict=True))
+    second = torch.autograd.grad(dot, [*leaves, g], allow_unused=True)
+    return first, [torch.zeros_like(t) if s is None else s for s, t in zip(second, [*leaves, g],
+                                                                         strict=True)]
+
+
+@pytest.mark.parametrize("std_mode", STD_MODES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("path", ["float64", "float32", "float32-fallback"])
+def test_second_derivatives_match_float64_reference(variant, std_mode, path, monkeypatch):
+    kwargs, affine = VARIANTS[variant]
+    if path == "float32-fallback":
+        monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    dtype = torch.float64 if path == "float64" else torch.float32
+    gen = torch.Generator().manual_seed(7)
+    x64 = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 2 + 0.5
+    g64 = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    w64 = torch.rand(12, generator=gen, dtype=torch.float64) + 0.5 if affine else None
+    b64 = torch.randn(12, generator=gen, dtype=torch.float64) if affine else None
+    v64 = [torch.randn(t.shape, generator=gen, dtype=torch.float64)
+           for t in (x64, w64, b64) if t is not None]
+
+    def leaf(t, dt):
+        return None if t is None else t.to(dt).requires_grad_(True)
+
+    def ours(x, w, b):
+        return AF.normalize(x, 12, w, b, 1e-3, std_mode=std_mode, **kwargs)
+
+    def ref(x, w, b):
+        return reference_norm(x, (12,), w, b, 1e-3, std_mode=std_mode, **kwargs)
+
+    first, second = _second_order(
+        ours, leaf(x64, dtype), leaf(w64, dtype), leaf(b64, dtype), g64.to(dtype),
+        [t.to(dtype) for t in v64],
+    )
+    ref_first, ref_second = _second_order(ref, leaf(x64, torch.float64),
+                                          leaf(w64, torch.float64), leaf(b64, torch.float64),
+                                          g64, v64)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for got, want in zip([*first, *second], [*ref_first, *ref_second], strict=True):
+        assert got.dtype == dtype
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double() / scale, want / scale, **tol)
+
+
+@pytest.mark.parametrize("std_mode", STD_MODES)
+def test_gradgradcheck_full_derivative_variants_float64(std_mode):
+    x = torch.randn(3, 2, 7, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: AF.layer_norm(x, 7, w, b, 1e-3, std_mode=std_mode), (x, w, b)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda x: AF.layer_norm_simple(x, (2, 7), 1e-3, std_mode=std_mode), (x,)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda x: AF.ada_norm(x, 7, 1e-3, scale=2.0, std_mode=std_mode)
+        - 2.0 * (1 - 0.1 * AF.layer_norm_simple(x, 7, 1e-3, std_mode=std_mode)).detach()
+        * AF.layer_norm_simple(x, 7, 1e-3, std_mode=std_mode),
+        (x,),
+    )
+
+
+@pytest.mark.parametrize("std_mode", STD_MODES)
+@pytest.mark.parametrize("variant", ["detachnorm", "detach-mean", "detach-std", "adanorm"])
+def test_gradgradcheck_frozen_surrogate_equals_our_double_backward(variant, std_mode):
+    # Finite differences cannot hold mu/sigma/phi constant, so gradgradcheck runs on the frozen
+    # surrogate (the forward with the detached quantities fixed at x0), and ours must equal its
+    # exact second derivatives at x0.
+    kwargs, _ = VARIANTS[variant]
+    eps = 1e-3
+    x0 = torch.randn(4, 9, dtype=torch.float64)
+    frozen = _surrogate(variant, x0, std_mode, eps)
+    x = x0.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(frozen, (x,))
+    g = torch.randn(4, 9, dtype=torch.float64)
+    v = [torch.randn(4, 9, dtype=torch.float64)]
+    ours = lambda t, w, b: AF.normalize(t, 9, None, None, eps, std_mode=std_mode, **kwargs)  # noqa: E731
+    first, second = _second_order(ours, x, None, None, g, v)
+    ref_first, ref_second = _second_order(lambda t, w, b: frozen(t), x, None, None, g, v)
+    for got, want in zip([*first, *second], [*ref_first, *ref_second], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+# ---- issue #15: any finite row normalizes, on the fused and the fallback paths ---------------
+
+_LARGE_ROWS = [
+    ("2e19", lambda gen: torch.randn(6, 64, generator=gen) * 2e19),
+    ("1e30-offset", lambda gen: torch.randn(6, 64, generator=gen) * 1e29 + 1e30),
+    ("1e38", lambda gen: torch.randn(6, 64, generator=gen) * 1e38),
+    ("near-max", lambda gen: (torch.rand(6, 64, generator=gen) * 2 - 1) * 3.4e38),
+    ("same-sign-sum-overflows", lambda gen: torch.rand(6, 64, generator=gen) * 1e37 + 1e38),
+]
+
+
+@pytest.mark.parametrize("std_mode", STD_MODES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("rows", _LARGE_ROWS, ids=[r[0] for r in _LARGE_ROWS])
+@pytest.mark.parametrize("path", ["fast", "fallback"])
+def test_large_magnitudes_match_float64(variant, std_mode, rows, path, monkeypatch):
+    kwargs, affine = VARIANTS[variant]
+    if affine and std_mode == "biased":
+        pytest.skip("affine biased LayerNorm is native F.layer_norm (nn.LayerNorm's range)")
+    if path == "fallback":
+        monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    gen = torch.Generator().manual_seed(3)
+    x = rows[1](gen).float()
+    assert torch.isfinite(x).all()
+    g = torch.randn(6, 64, generator=gen)
+    w = torch.rand(64, generator=gen) + 0.5 if affine else None
+    b = torch.randn(64, generator=gen) if affine else None
+    if variant == "layernorm-simple":
+        fn = lambda t: AF.layer_norm_simple(t, 64, std_mode=std_mode)  # noqa: E731
+    else:
+        fn = lambda t: AF.normalize(t, 64, w, b, std_mode=std_mode, **kwargs)  # noqa: E731
+    if variant == "layernorm-simple" and std_mode == "biased" and path == "fallback":
+        pytest.skip("LayerNorm-simple without the extension is native F.layer_norm")
+    xs = x.clone().requires_grad_(True)
+    out = fn(xs)
+    (dx,) = torch.autograd.grad(out, xs, g)
+    x64 = x.double().requires_grad_(True)
+    ref = reference_norm(x64, (64,), None if w is None else w.double(),
+                         None if b is None else b.double(), std_mode=std_mode, **kwargs)
+    (ref_dx,) = torch.autograd.grad(ref, x64, g.double())
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    # dx ~ g / sigma is tiny (subnormal in float32 near 3e38): compare relative to its scale.
+    scale = ref_dx.abs().max()
+    torch.testing.assert_close(dx.double() / scale, ref_dx / scale, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("std_mode", STD_MODES)
+@pytest.mark.parametrize("path", ["fast", "fallback"])
+def test_tiny_rows_with_zero_eps(std_mode, path, monkeypatch):
+    # Squares of 1e-25 underflow float32: with eps = 0 the variance must still be right.
+    if path == "fallback":
+        monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * 1e-25
+    out = AF.ada_norm(x, 32, eps=0.0, scale=2.0, std_mode=std_mode)
+    ref = reference_norm(x.double(), (32,), eps=0.0, std_mode=std_mode, scale=2.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)

@@ -3,6 +3,7 @@
 
 from . import functional
 from .convert import ConvertedNorm, convert_norms
+from .functional import backend_info
 from .modules import AdaNorm, DetachNorm, LayerNorm, LayerNormSimple, NoNorm
 from .registry import available_norms, get_norm, make_norm, register_norm
 
@@ -21,5 +22,6 @@ __all__ = [
     "available_norms",
     "convert_norms",
     "ConvertedNorm",
+    "backend_info",
     "__version__",
 ]

@@ -4,11 +4,20 @@ The authors' released translation code reaches only 2 of the 32 LayerNorms of it
 :func:`convert_norms` reaches all of them, in any ``nn.Module``.  Convert before wrapping the model
 in DDP/FSDP, before ``torch.compile`` and before building the optimizer: replaced modules hold new
 parameter tensors.
+
+PyTorch's ``nn.TransformerEncoderLayer`` has a fused inference fast path (``eval()`` with grad off)
+that computes ``nn.LayerNorm`` itself from ``norm1.weight``/``norm1.eps``: with any other norm it
+would crash or silently compute LayerNorm.  :func:`convert_norms` turns that fast path off for
+every encoder layer whose norms are no longer plain biased affine LayerNorms (the layer's
+``activation_relu_or_gelu`` flag, which only gates the fast path, is set False, and the owning
+``nn.TransformerEncoder``'s ``use_nested_tensor``), so eval runs the ordinary forward and gives
+the same output as training mode without dropout.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -16,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .modules import NoNorm, NormBase
+from .modules import LayerNorm, NoNorm, NormBase
 from .registry import NormSpec, get_norm
 
 __all__ = ["convert_norms", "ConvertedNorm"]
@@ -73,12 +82,30 @@ def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
     return {"device": tensors[0].device, "dtype": tensors[0].dtype}
 
 
+def _accepted_keywords(factory: Callable[..., nn.Module]) -> set[str]:
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature
+        return set()
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _build_replacement(
     old: nn.Module, factory: Callable[..., nn.Module], kwargs: dict
 ) -> nn.Module:
     build_kwargs = dict(_factory_kwargs(old))
     if "eps" not in kwargs and hasattr(old, "eps"):
         build_kwargs["eps"] = old.eps
+    accepted = _accepted_keywords(factory)
+    # A target with optional gain/bias (LayerNorm) gets exactly the source's parameter set, so
+    # the original state_dict still loads strictly.
+    if {"elementwise_affine", "bias"} <= accepted and not {"elementwise_affine", "bias"} & set(
+        kwargs
+    ):
+        has_weight = isinstance(getattr(old, "weight", None), torch.Tensor)
+        has_bias = isinstance(getattr(old, "bias", None), torch.Tensor)
+        build_kwargs["elementwise_affine"] = has_weight or has_bias
+        build_kwargs["bias"] = has_bias
     build_kwargs.update(kwargs)
     new = factory(tuple(old.normalized_shape), **build_kwargs)
     with torch.no_grad():
@@ -106,6 +133,35 @@ def _dropped_affine(old: nn.Module, new: nn.Module) -> list[str]:
     return dropped
 
 
+def _layernorm_equivalent(norm: nn.Module) -> bool:
+    """True when ``norm`` computes exactly what PyTorch's fused Transformer fast path assumes."""
+    if type(norm) is nn.LayerNorm:
+        return True
+    return (
+        type(norm) is LayerNorm
+        and norm.std_mode == "biased"
+        and norm.weight is not None
+        and norm.bias is not None
+    )
+
+
+def _disable_transformer_fast_paths(model: nn.Module) -> None:
+    for module in model.modules():
+        if not isinstance(module, nn.TransformerEncoder):
+            continue
+        if not all(
+            _layernorm_equivalent(layer.norm1) and _layernorm_equivalent(layer.norm2)
+            for layer in module.layers
+            if isinstance(layer, nn.TransformerEncoderLayer)
+        ):
+            module.use_nested_tensor = False
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and not (
+            _layernorm_equivalent(module.norm1) and _layernorm_equivalent(module.norm2)
+        ):
+            module.activation_relu_or_gelu = False
+
+
 def _same_config(old: nn.Module, new: nn.Module) -> bool:
     return type(old) is type(new) and old.extra_repr() == new.extra_repr()
 
@@ -124,7 +180,10 @@ def convert_norms(
 
     The replacement keeps the full ``normalized_shape``, ``eps`` (unless given in ``kwargs``),
     device, dtype, the gain/bias values and ``requires_grad`` when the target has them, the
-    ``training`` flag and all hooks.  A module shared by several parents stays one shared module.
+    ``training`` flag and all hooks.  A target with optional gain/bias (``"layernorm"``) gets the
+    source's parameter set (``LayerNorm(bias=False)`` stays without bias, a parameter-free norm
+    stays parameter-free) unless ``elementwise_affine``/``bias`` are given in ``kwargs``.  A
+    module shared by several parents stays one shared module.
     Modules already equal to the target are left alone, so converting twice changes nothing.
 
     Args:
@@ -207,4 +266,6 @@ def convert_norms(
                 setattr(new, attr, getattr(old, attr))
         for parent, child_name, _ in places:
             setattr(parent, child_name, new)
+    if not dry_run:
+        _disable_transformer_fast_paths(model)
     return rows

@@ -16,9 +16,6 @@ NaN and inf propagate: a row that contains one yields NaN outputs and gradients 
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
 
@@ -28,27 +25,9 @@ from .functional import ShapeLike, StdMode
 __all__ = ["LayerNorm", "LayerNormSimple", "DetachNorm", "AdaNorm", "NoNorm", "NormBase"]
 
 
-def _normalized_shape(normalized_shape: ShapeLike) -> tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral):
-        normalized_shape = (int(normalized_shape),)
-    shape = tuple(int(d) for d in normalized_shape)
-    if len(shape) == 0 or any(d <= 0 for d in shape):
-        raise ValueError(
-            f"normalized_shape must be a positive int or a non-empty tuple of positive ints, "
-            f"got {normalized_shape!r}"
-        )
-    return shape
-
-
-def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not eps >= 0:  # also rejects NaN
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return eps
-
-
 class NormBase(nn.Module):
-    """Shared constructor checks and repr for the family."""
+    """Shared constructor checks (:func:`adanorm.functional.check_arguments`, the same ones the
+    functional forms apply) and repr for the family."""
 
     __constants__ = ["normalized_shape", "eps", "std_mode"]
     normalized_shape: tuple[int, ...]
@@ -57,16 +36,11 @@ class NormBase(nn.Module):
 
     def __init__(
         self, normalized_shape: ShapeLike, eps: float = 1e-5, std_mode: StdMode = "biased"
-    ):
+    ) -> None:
         super().__init__()
-        self.normalized_shape = _normalized_shape(normalized_shape)
-        self.eps = _check_eps(eps)
-        AF.check_std_mode(std_mode)
-        if std_mode == "unbiased" and math.prod(self.normalized_shape) < 2:
-            raise ValueError(
-                f"std_mode='unbiased' needs at least 2 normalized elements, got normalized_shape "
-                f"{self.normalized_shape}"
-            )
+        shape, _, eps, _, _, _ = AF.check_arguments(normalized_shape, eps, std_mode)
+        self.normalized_shape = shape
+        self.eps = eps
         self.std_mode = std_mode
 
     def extra_repr(self) -> str:
@@ -77,17 +51,41 @@ class NormBase(nn.Module):
 
 
 class LayerNorm(NormBase):
-    r"""LayerNorm (paper Eq. 1): :math:`h = w \odot \frac{x-\mu}{\sigma} + b`.
+    r"""LayerNorm (paper Eq. 1) over the trailing ``normalized_shape`` dimensions:
+
+    .. math::
+        y = \frac{x - \mu}{\sigma} \odot w + b, \qquad \mu = \frac{1}{H}\sum_i x_i
+
+    with :math:`\sigma = \sqrt{\frac{1}{H}\sum_i (x_i-\mu)^2 + \epsilon}` (``std_mode="biased"``)
+    or :math:`\sigma = s + \epsilon`, :math:`s` the Bessel-corrected standard deviation
+    (``std_mode="unbiased"``, the authors' released code).  Gradients flow through :math:`\mu`
+    and :math:`\sigma`.
 
     Same signature, parameters and state_dict as :class:`torch.nn.LayerNorm`, and numerically equal
     to it in the default ``std_mode="biased"``.
 
     Args:
-        normalized_shape: trailing shape to normalize over (int or tuple).
-        eps: added to the variance (biased) or to the std (unbiased). Default: 1e-5.
-        elementwise_affine: learnable per-element gain ``weight`` (init 1). Default: True.
-        bias: learnable per-element ``bias`` (init 0), if ``elementwise_affine``. Default: True.
-        std_mode: ``"biased"`` or ``"unbiased"``.
+        normalized_shape (int or tuple): trailing shape to normalize over, :math:`H` elements.
+        eps (float): added to the variance (biased) or to the std (unbiased). Default: 1e-5.
+        elementwise_affine (bool): learnable per-element gain ``weight`` (init 1). Default: True.
+        bias (bool): learnable per-element ``bias`` (init 0), if ``elementwise_affine``.
+            Default: True.
+        std_mode (str): ``"biased"`` or ``"unbiased"``. Default: ``"biased"``.
+        device, dtype: of the parameters.
+
+    Attributes:
+        weight: the gain, of shape ``normalized_shape`` (None without ``elementwise_affine``).
+        bias: the bias, of shape ``normalized_shape`` (None without bias).
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`, any number of leading dimensions.
+        - Output: :math:`(*, \text{normalized\_shape})`, the input's shape and dtype.
+
+    Examples::
+
+        >>> norm = adanorm.LayerNorm(512)
+        >>> out = norm(torch.randn(8, 128, 512))
+        >>> released = adanorm.LayerNorm(512, std_mode="unbiased")
     """
 
     def __init__(
@@ -134,10 +132,32 @@ class LayerNorm(NormBase):
 
 
 class LayerNormSimple(NormBase):
-    r"""LayerNorm-simple: :math:`z = (x-\mu)/\sigma`, no gain and no bias.
+    r"""LayerNorm-simple: LayerNorm without gain and bias,
 
-    The paper finds the gain and bias rarely help and tend to over-fit. No parameters: the
+    .. math::
+        z = \frac{x - \mu}{\sigma}
+
+    with :math:`\mu` and :math:`\sigma` as in :class:`LayerNorm`; gradients flow through both.
+    The paper finds the gain and bias rarely help and tend to over-fit.  No parameters: the
     state_dict is empty.
+
+    Args:
+        normalized_shape (int or tuple): trailing shape to normalize over, :math:`H` elements.
+        eps (float): added to the variance (biased) or to the std (unbiased). Default: 1e-5.
+        std_mode (str): ``"biased"`` or ``"unbiased"``. Default: ``"biased"``.
+        device, dtype: accepted for signature compatibility with :class:`torch.nn.LayerNorm`
+            (there are no parameters to place).
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`, any number of leading dimensions.
+        - Output: :math:`(*, \text{normalized\_shape})`, the input's shape and dtype.
+
+    Examples::
+
+        >>> norm = adanorm.LayerNormSimple(512)
+        >>> out = norm(torch.randn(8, 128, 512))
+        >>> out.mean(-1).abs().max() < 1e-5
+        tensor(True)
     """
 
     def __init__(
@@ -157,11 +177,35 @@ class LayerNormSimple(NormBase):
 
 class DetachNorm(NormBase):
     r"""DetachNorm: the forward of LayerNorm-simple, with :math:`\mu` and :math:`\sigma` treated as
-    constants in backward (the paper's "copy function" :math:`\theta`).
+    constants in backward (the paper's "copy function" :math:`\theta`):
 
-    With both flags on (the paper's DetachNorm) :math:`\partial\ell/\partial x = g/\sigma`.
-    One flag
-    alone gives the paper's detach-mean-only or detach-std-only ablation (Theorem 1 (2), (3)).
+    .. math::
+        z = \frac{x - \theta(\mu)}{\theta(\sigma)}, \qquad
+        \frac{\partial \ell}{\partial x} = \frac{g}{\sigma}
+        \quad\text{(both detached)}
+
+    One flag alone gives the paper's detach-mean-only
+    (:math:`\partial\ell/\partial x = (g - y\,\mathrm{mean}(g \odot y))/\sigma`) or detach-std-only
+    (:math:`(g - \mathrm{mean}(g))/\sigma`) ablation (Theorem 1 (2), (3)).  Second derivatives
+    hold the detached statistics constant too.  No parameters.
+
+    Args:
+        normalized_shape (int or tuple): trailing shape to normalize over, :math:`H` elements.
+        eps (float): added to the variance (biased) or to the std (unbiased). Default: 1e-5.
+        detach_mean (bool): hold :math:`\mu` constant in backward. Default: True.
+        detach_std (bool): hold :math:`\sigma` constant in backward. Default: True.
+        std_mode (str): ``"biased"`` or ``"unbiased"``. Default: ``"biased"``.
+        device, dtype: accepted for signature compatibility (no parameters).
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`, any number of leading dimensions.
+        - Output: :math:`(*, \text{normalized\_shape})`, the input's shape and dtype.
+
+    Examples::
+
+        >>> norm = adanorm.DetachNorm(512)                      # the paper's DetachNorm
+        >>> ablation = adanorm.DetachNorm(512, detach_std=False)  # detach the mean only
+        >>> out = norm(torch.randn(8, 128, 512, requires_grad=True))
     """
 
     __constants__ = NormBase.__constants__ + ["detach_mean", "detach_std"]
@@ -198,7 +242,10 @@ class DetachNorm(NormBase):
 
 
 class AdaNorm(NormBase):
-    r"""AdaNorm: :math:`z = C(1 - k y) \odot y`, :math:`y = (x-\mu)/\sigma`.
+    r"""AdaNorm (paper Eq. 9):
+
+    .. math::
+        z = \varphi(y) \odot y = C(1 - k y) \odot y, \qquad y = \frac{x - \mu}{\sigma}
 
     :math:`\varphi(y) = C(1-ky)` is treated as a constant in backward (the paper's implementation
     note); :math:`\mu` and :math:`\sigma` are not, so the input gradient is LayerNorm-simple's
@@ -206,12 +253,25 @@ class AdaNorm(NormBase):
     row mean of :math:`z` is :math:`-Ck` (biased mode).  No parameters.
 
     Args:
-        normalized_shape: trailing shape to normalize over.
-        eps: see :class:`LayerNorm`. Default: 1e-5.
-        scale: :math:`C > 0`. Default: 1.0 (the authors' README; their argparse default is 2.0).
-        k: :math:`k > 0`; :math:`k = 1/10` keeps :math:`\varphi > 0` for >= 99% of elements by
-            Chebyshev. Default: 0.1.
-        std_mode: ``"biased"`` (paper) or ``"unbiased"`` (released code).
+        normalized_shape (int or tuple): trailing shape to normalize over, :math:`H` elements.
+        eps (float): see :class:`LayerNorm`. Default: 1e-5.
+        scale (float): :math:`C`, finite and > 0. Default: 1.0 (the authors' README; their
+            argparse default is 2.0).
+        k (float): finite and > 0; :math:`k = 1/10` keeps :math:`\varphi > 0` for >= 99% of
+            elements by Chebyshev. Default: 0.1.
+        std_mode (str): ``"biased"`` (paper) or ``"unbiased"`` (released code).
+            Default: ``"biased"``.
+        device, dtype: accepted for signature compatibility (no parameters).
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`, any number of leading dimensions.
+        - Output: :math:`(*, \text{normalized\_shape})`, the input's shape and dtype.
+
+    Examples::
+
+        >>> norm = adanorm.AdaNorm(512, scale=2.0)      # C = 2, k = 0.1
+        >>> out = norm(torch.randn(8, 128, 512))
+        >>> released = adanorm.AdaNorm(512, scale=1.0, std_mode="unbiased")
     """
 
     __constants__ = NormBase.__constants__ + ["scale", "k"]
@@ -228,11 +288,9 @@ class AdaNorm(NormBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(normalized_shape, eps, std_mode)
-        scale, k = float(scale), float(k)
-        if not scale > 0:
-            raise ValueError(f"AdaNorm scale (C) must be > 0, got {scale}")
-        if not k > 0:
-            raise ValueError(f"AdaNorm k must be > 0, got {k}")
+        _, _, _, _, scale, k = AF.check_arguments(
+            self.normalized_shape, self.eps, std_mode, scale, k, ada=True
+        )
         self.scale = scale
         self.k = k
 
@@ -251,8 +309,28 @@ class AdaNorm(NormBase):
 
 
 class NoNorm(nn.Module):
-    """ "w/o Norm": the identity.  Takes (and checks) the same arguments as the other norms so that
-    it can fill any norm slot; has no parameters."""
+    r""""w/o Norm": the identity, :math:`z = x`, with :math:`\partial\ell/\partial x = g`.
+
+    Takes (and checks, as every norm does) the same arguments as the other norms so that it can
+    fill any norm slot, and checks that its input ends in ``normalized_shape``.  No parameters.
+
+    Args:
+        normalized_shape (int or tuple): the trailing shape its input must have.
+        eps (float): checked and ignored. Default: 1e-5.
+        std_mode (str): checked and ignored. Default: ``"biased"``.
+        device, dtype: accepted for signature compatibility (no parameters).
+
+    Shape:
+        - Input: :math:`(*, \text{normalized\_shape})`, any number of leading dimensions.
+        - Output: :math:`(*, \text{normalized\_shape})`, the input's shape and dtype.
+
+    Examples::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), adanorm.NoNorm(64))
+        >>> x = torch.randn(4, 64)
+        >>> torch.equal(adanorm.NoNorm(64)(x), x)
+        True
+    """
 
     __constants__ = ["normalized_shape"]
 
@@ -266,9 +344,8 @@ class NoNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.normalized_shape = _normalized_shape(normalized_shape)
-        _check_eps(eps)
-        AF.check_std_mode(std_mode)
+        shape, _, _, _, _, _ = AF.check_arguments(normalized_shape, eps, std_mode)
+        self.normalized_shape = shape
 
     def forward(self, input: Tensor) -> Tensor:
         AF.check_input(input, self.normalized_shape)

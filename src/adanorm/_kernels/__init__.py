@@ -8,8 +8,18 @@ load the cached library in well under a second.  It defines the operators ``adan
 this module adds their fake kernels so ``torch.compile`` and ``torch.export`` can trace them.
 
 If no C++ compiler is found or the build fails, the pure-PyTorch path in
-:mod:`adanorm.functional` is used and one warning says why.  ``ADANORM_DISABLE_EXTENSION=1``
-forces that fallback silently (tests and benchmarks compare both paths).
+:mod:`adanorm.functional` is used and one warning says why; :func:`cpu_status` (and
+``adanorm.backend_info()``) keep the reason.  ``ADANORM_DISABLE_EXTENSION=1`` forces that fallback
+silently (tests and benchmarks compare both paths).
+
+Each library is built in its own directory, ``<cache>/<library name>/``, while holding an OS file
+lock (``flock``) on ``<library name>.build.lock`` there: the kernel drops that lock when its holder
+dies, however it dies.  torch's own build lock (``lock``, a plain file that a killed build leaves
+behind and that makes every later ``cpp_extension.load`` wait forever) is therefore stale whenever
+it is found under the flock, and is removed.  A build finished by another process is loaded
+directly (marker file ``<library name>.complete``).  Waiting for another live build is bounded by
+``$ADANORM_BUILD_TIMEOUT`` seconds (default 900); then the fallback is used, with a warning that
+names the lock.
 
 GPU: :mod:`adanorm._kernels.triton_norm` holds Triton kernels; it is imported only when CUDA is
 available, so CPU-only machines never import triton.
@@ -20,14 +30,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = [
     "cpu_kernels_ready",
     "cpu_kernels_loaded",
+    "cpu_status",
+    "BuildLockTimeout",
     "extension_disabled",
     "cuda_kernels_ready",
     "cuda_norm",
@@ -40,6 +54,11 @@ _DISABLE_ENV = "ADANORM_DISABLE_EXTENSION"
 
 # None: not tried yet; True/False: the outcome of the one attempt this process makes.
 _cpu_state: bool | None = None
+# Why the CPU kernels are not in use ("no-compiler", "failed", "timed-out") and the error text.
+_cpu_failure: tuple[str, str] | None = None
+_cpu_library: str | None = None
+_BUILD_TIMEOUT_ENV = "ADANORM_BUILD_TIMEOUT"
+_DEFAULT_BUILD_TIMEOUT_S = 900.0
 _cuda_state: bool | None = None
 _triton_module = None  # adanorm._kernels.triton_norm once imported (CUDA machines only)
 
@@ -117,27 +136,133 @@ def _register_fake_kernels() -> None:
         return grad.new_empty(grad.shape)
 
 
-def _load_cpu_library() -> None:
-    from torch.utils import cpp_extension
+def _register_double_backward() -> None:
+    # The C++ autograd kernel calls adanorm::norm_input_grad from its backward when a graph of
+    # the backward is being recorded (create_graph=True).  Registered as CompositeImplicitAutograd,
+    # so autograd records the plain tensor operations of the reference gradient: second
+    # derivatives are exact, with the detached statistics constant.
+    from ..reference import input_grad_ref
 
-    capability = _vector_capability()
-    flags = _compile_flags(capability)
+    @torch.library.impl("adanorm::norm_input_grad", "CompositeImplicitAutograd")
+    def _norm_input_grad(grad, x, rstd, eps, unbiased, detach_mean, detach_std, scale, k):
+        if x is None:  # DetachNorm: dx = g / sigma with sigma constant, linear in g
+            return (grad.to(rstd.dtype) * rstd.unsqueeze(-1)).to(grad.dtype)
+        return input_grad_ref(
+            grad, x, x.shape[-1], eps, std_mode="unbiased" if unbiased else "biased",
+            detach_mean=detach_mean, detach_std=detach_std, scale=scale, k=k,
+        )
+
+
+class BuildLockTimeout(RuntimeError):
+    """Another live process held the build lock for longer than ``$ADANORM_BUILD_TIMEOUT``."""
+
+
+def _build_timeout() -> float:
+    raw = os.environ.get(_BUILD_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_BUILD_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise ValueError(f"{_BUILD_TIMEOUT_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def _acquire_build_lock(path: Path, timeout: float) -> int:
+    """An exclusive flock on ``path`` (released by the kernel if this process dies), waiting at
+    most ``timeout`` seconds."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise BuildLockTimeout(
+                    f"another process has been building the C++ kernels for more than "
+                    f"{timeout:g} s (it holds {path}); wait for it, or raise "
+                    f"{_BUILD_TIMEOUT_ENV}, or set ADANORM_DISABLE_EXTENSION=1"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _library_name() -> str:
+    flags = _compile_flags(_vector_capability())
     # The name carries a digest of source and flags so a stale cache is never loaded by name.
     digest = hashlib.sha256(SOURCE_PATH.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    directory = build_directory()
+    return f"adanorm_cpu_{digest}"
+
+
+def _load_cpu_library() -> None:
+    global _cpu_library
+    from torch.utils import cpp_extension
+
+    name = _library_name()
+    directory = build_directory() / name
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=f"adanorm_cpu_{digest}",
-        sources=[str(SOURCE_PATH)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=os.environ.get("ADANORM_VERBOSE_BUILD", "") == "1",
-    )
+    library = directory / f"{name}.so"
+    complete = directory / f"{name}.complete"
+    def built() -> bool:
+        return complete.exists() and library.exists()
+
+    if not built():
+        fd = _acquire_build_lock(directory / f"{name}.build.lock", _build_timeout())
+        try:
+            if not built():
+                # Every builder holds the flock while torch's plain-file baton exists, so a
+                # baton found now was left by a build that died: without this, load() below
+                # would wait on it forever.
+                (directory / "lock").unlink(missing_ok=True)
+                cpp_extension.load(
+                    name=name,
+                    sources=[str(SOURCE_PATH)],
+                    extra_cflags=_compile_flags(_vector_capability()),
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory),
+                    is_python_module=False,
+                    verbose=os.environ.get("ADANORM_VERBOSE_BUILD", "") == "1",
+                )
+                temporary = complete.with_name(complete.name + f".{os.getpid()}.tmp")
+                temporary.write_text(str(library) + "\n")
+                os.replace(temporary, complete)
+        finally:
+            os.close(fd)
+    if not hasattr(torch.ops.adanorm, "norm_forward"):
+        torch.ops.load_library(str(library))
     if not hasattr(torch.ops.adanorm, "norm_forward"):
         raise RuntimeError("the compiled library did not register adanorm::norm_forward")
     _register_fake_kernels()
+    _register_double_backward()
+    _cpu_library = str(library)
+
+
+def cpu_status() -> dict[str, Any]:
+    """The C++ kernels' state in this process: ``status`` is ``loaded``, ``not-tried``,
+    ``disabled`` (``ADANORM_DISABLE_EXTENSION``), ``no-compiler``, ``failed`` or ``timed-out``;
+    ``detail`` holds the error of a failed attempt."""
+    if extension_disabled():
+        status, detail = "disabled", f"{_DISABLE_ENV} is set"
+    elif _cpu_state is None:
+        status, detail = "not-tried", None
+    elif _cpu_state:
+        status, detail = "loaded", None
+    else:
+        status, detail = _cpu_failure or ("failed", None)
+    return {
+        "status": status,
+        "detail": detail,
+        "library": _cpu_library,
+        "build_directory": str(build_directory()),
+        "capability": _vector_capability(),
+    }
 
 
 def cpu_kernels_loaded() -> bool:
@@ -156,8 +281,10 @@ def cpu_kernels_ready() -> bool:
         return False  # checked first and not cached: tests toggle it within one process
     if _cpu_state is not None:
         return _cpu_state
+    global _cpu_failure
     if _find_compiler() is None:
         _cpu_state = False
+        _cpu_failure = ("no-compiler", "no C++ compiler found (set CXX or install g++)")
         warnings.warn(
             "adanorm: no C++ compiler found (set CXX or install g++); using the pure-PyTorch "
             "kernels, which are several times slower for AdaNorm and DetachNorm.",
@@ -169,9 +296,11 @@ def cpu_kernels_ready() -> bool:
         _load_cpu_library()
     except Exception as error:  # any build or load failure means: use the fallback
         _cpu_state = False
+        detail = f"{type(error).__name__}: {str(error)[-400:]}"
+        _cpu_failure = ("timed-out" if isinstance(error, BuildLockTimeout) else "failed", detail)
         warnings.warn(
-            f"adanorm: building the C++ kernels failed ({type(error).__name__}: "
-            f"{str(error)[-400:]}); using the pure-PyTorch kernels.",
+            f"adanorm: building the C++ kernels failed ({detail}); using the pure-PyTorch "
+            f"kernels.",
             RuntimeWarning,
             stacklevel=3,
         )

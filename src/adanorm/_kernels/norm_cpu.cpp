@@ -17,6 +17,18 @@
 //             (the mean / std terms dropped when detached; rho = 1 in biased mode).
 // Reduced-precision rows (bf16, fp16) are converted to float once into a per-thread buffer, so
 // statistics and arithmetic are float32 and the output is rounded once.
+//
+// Range: a row whose float32 statistics cannot be trusted -- its sum or its centred squares
+// overflow (|x| >~ 1e19), it holds NaN/inf, or its squares fall into the subnormal range -- is
+// computed in double instead (row_stats returns false; the two checks cost nothing per element),
+// and so, in backward, is a row with sigma > 2^60.  Every finite row normalizes correctly.
+//
+// Unbiased std (sigma = s + eps): the backward needs sigma / s.  It is taken from the data,
+// sum(y^2) = (H-1) s^2 / sigma^2, not rebuilt as 1/rstd - eps, which cancels when s << eps.
+//
+// Double backward: the autograd kernel's backward, when a graph of it is being recorded
+// (create_graph=True), calls adanorm::norm_input_grad, which the Python side implements with
+// differentiable reference operations (adanorm.reference.input_grad_ref).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +37,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -87,16 +100,59 @@ struct RowStats {
   float rstd;
 };
 
-inline RowStats row_stats(const float* x, int64_t n, double eps, bool unbiased) {
-  const float mean = row_sum(x, n) / static_cast<float>(n);
-  const double ss = row_centered_sum_of_squares(x, n, mean);
+// Float32 statistics of a row; false when they cannot be trusted (see the header): then the
+// row goes through the double path.
+inline bool row_stats(const float* x, int64_t n, double eps, bool unbiased, RowStats& out) {
+  const float sum = row_sum(x, n);
+  const float mean = sum / static_cast<float>(n);
+  const float ss = row_centered_sum_of_squares(x, n, mean);
+  // Squares below ~2^-100 lose precision or vanish; that only matters when eps does not
+  // dominate them (eps < 2^-60), or when they are not all lost (ss > 0).
+  if (!(std::isfinite(sum) && ss <= FLT_MAX) || (ss < 0x1p-100f && (ss > 0.f || eps < 0x1p-60)))
+    return false;
   double rstd;
   if (unbiased) {
-    rstd = 1.0 / (std::sqrt(ss / static_cast<double>(n - 1)) + eps);
+    rstd = 1.0 / (std::sqrt(static_cast<double>(ss) / static_cast<double>(n - 1)) + eps);
   } else {
-    rstd = 1.0 / std::sqrt(ss / static_cast<double>(n) + eps);
+    rstd = 1.0 / std::sqrt(static_cast<double>(ss) / static_cast<double>(n) + eps);
   }
-  return {mean, static_cast<float>(rstd)};
+  out = {mean, static_cast<float>(rstd)};
+  return true;
+}
+
+// Statistics in double: no finite float row overflows or underflows there.
+struct RowStatsDouble {
+  double mean;
+  double sigma;    // what y divides by
+  double std_dev;  // s in unbiased mode (sigma = s + eps)
+};
+
+inline RowStatsDouble row_stats_double(const float* x, int64_t n, double eps, bool unbiased) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) sum += x[j];
+  const double mean = sum / static_cast<double>(n);
+  double ss = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = x[j] - mean;
+    ss += d * d;
+  }
+  if (unbiased) {
+    const double s = std::sqrt(ss / static_cast<double>(n - 1));
+    return {mean, s + eps, s};
+  }
+  return {mean, std::sqrt(ss / static_cast<double>(n) + eps), 0.0};
+}
+
+template <bool kAda>
+inline RowStats write_normalized_double(const float* x, float* out, int64_t n, double eps,
+                                        bool unbiased, float c, float ck) {
+  const RowStatsDouble s = row_stats_double(x, n, eps, unbiased);
+  for (int64_t j = 0; j < n; ++j) {
+    double y = (x[j] - s.mean) / s.sigma;
+    if constexpr (kAda) y = y * (static_cast<double>(c) - static_cast<double>(ck) * y);
+    out[j] = static_cast<float>(y);
+  }
+  return {static_cast<float>(s.mean), static_cast<float>(1.0 / s.sigma)};
 }
 
 // y = (x - mean) * rstd, or AdaNorm's z = y * (C - C k y).
@@ -124,13 +180,44 @@ struct BackwardFlags {
   double eps;
 };
 
-// dx = rstd * (g' - [mean(g')] - [rho * y * mean(g' y)]), g' = phi(y) g with phi = C - C k y for
-// AdaNorm (a constant in backward, as the paper prescribes) and phi = 1 otherwise.
+// The double-precision backward of one row, from x alone (sigma > 2^60: float32 y, products
+// or 1/sigma would overflow or go subnormal).
 template <bool kAda>
+inline void backward_row_double(const float* x, const float* g, float* dx, int64_t n, float c,
+                                float ck, const BackwardFlags& f) {
+  const RowStatsDouble s = row_stats_double(x, n, f.eps, f.unbiased);
+  double sum_g = 0.0, sum_gy = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double y = (x[j] - s.mean) / s.sigma;
+    double gp = g[j];
+    if constexpr (kAda) gp *= static_cast<double>(c) - static_cast<double>(ck) * y;
+    sum_g += gp;
+    sum_gy += gp * y;
+  }
+  const double mean_term = f.detach_mean ? 0.0 : sum_g / static_cast<double>(n);
+  double rho = 1.0;
+  if (f.unbiased) rho = s.std_dev > 0 ? s.sigma / s.std_dev * n / (n - 1.0) : 0.0;
+  const double proj_term = f.detach_std ? 0.0 : rho * sum_gy / static_cast<double>(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const double y = (x[j] - s.mean) / s.sigma;
+    double gp = g[j];
+    if constexpr (kAda) gp *= static_cast<double>(c) - static_cast<double>(ck) * y;
+    dx[j] = static_cast<float>((gp - mean_term - y * proj_term) / s.sigma);
+  }
+}
+
+// dx = rstd * (g' - [mean(g')] - [rho * y * mean(g' y)]), g' = phi(y) g with phi = C - C k y for
+// AdaNorm (a constant in backward, as the paper prescribes) and phi = 1 otherwise.  kRho: the
+// unbiased std's factor rho = H/(H-1) * sigma/s is needed (from sum(y^2), see the header).
+template <bool kAda, bool kRho>
 inline void backward_row(const float* x, const float* g, float* dx, int64_t n, RowStats s,
                          float c, float ck, const BackwardFlags& f) {
+  if (!(s.rstd >= 0x1p-60f)) {
+    backward_row_double<kAda>(x, g, dx, n, c, ck, f);
+    return;
+  }
   const Vec m(s.mean), r(s.rstd), vc(c), vnck(-ck);
-  Vec s1a(0.f), s1b(0.f), s2a(0.f), s2b(0.f);
+  Vec s1a(0.f), s1b(0.f), s2a(0.f), s2b(0.f), s3a(0.f), s3b(0.f);
   int64_t j = 0;
   for (; j + 2 * kV <= n; j += 2 * kV) {
     Vec y0 = (Vec::loadu(x + j) - m) * r;
@@ -145,6 +232,10 @@ inline void backward_row(const float* x, const float* g, float* dx, int64_t n, R
     s1b += g1;
     s2a = at::vec::fmadd(g0, y0, s2a);
     s2b = at::vec::fmadd(g1, y1, s2b);
+    if constexpr (kRho) {
+      s3a = at::vec::fmadd(y0, y0, s3a);
+      s3b = at::vec::fmadd(y1, y1, s3b);
+    }
   }
   for (; j + kV <= n; j += kV) {
     Vec y0 = (Vec::loadu(x + j) - m) * r;
@@ -152,25 +243,30 @@ inline void backward_row(const float* x, const float* g, float* dx, int64_t n, R
     if constexpr (kAda) g0 = g0 * at::vec::fmadd(y0, vnck, vc);
     s1a += g0;
     s2a = at::vec::fmadd(g0, y0, s2a);
+    if constexpr (kRho) s3a = at::vec::fmadd(y0, y0, s3a);
   }
   float sum_g = reduce_add(s1a + s1b);
   float sum_gy = reduce_add(s2a + s2b);
+  float sum_yy = kRho ? reduce_add(s3a + s3b) : 0.f;
   for (; j < n; ++j) {
     const float y = (x[j] - s.mean) * s.rstd;
     float gp = g[j];
     if constexpr (kAda) gp *= c - ck * y;
     sum_g += gp;
     sum_gy += gp * y;
+    if constexpr (kRho) sum_yy += y * y;
   }
 
   const float inv_n = 1.f / static_cast<float>(n);
   const float mean_term = f.detach_mean ? 0.f : sum_g * inv_n;
   float rho = 1.f;
-  if (f.unbiased) {
-    // sigma = s + eps, d sigma / d x_j = y_j sigma / ((H-1) s): rho = H/(H-1) * sigma / s.
-    const double sigma = 1.0 / static_cast<double>(s.rstd);
-    const double std_dev = sigma - f.eps;
-    rho = std_dev > 0 ? static_cast<float>(sigma / std_dev * n / (n - 1.0)) : 0.f;
+  if constexpr (kRho) {
+    // sigma = s + eps, d sigma / d x_j = y_j sigma / ((H-1) s): rho = H/(H-1) * sigma / s, and
+    // sum(y^2) = (H-1) s^2 / sigma^2 gives rho = H / sqrt((H-1) sum(y^2)).  Constant rows
+    // (y == 0) may take any finite rho: 0.
+    rho = sum_yy > 0.f
+              ? static_cast<float>(n / std::sqrt((n - 1.0) * static_cast<double>(sum_yy)))
+              : 0.f;
   }
   const float proj_term = f.detach_std ? 0.f : rho * sum_gy * inv_n;
 
@@ -234,8 +330,12 @@ void forward_rows(const scalar_t* x, scalar_t* out, float* mean, float* rstd, in
   at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t i = begin; i < end; ++i) {
-        const RowStats s = row_stats(x + i * n, n, eps, unbiased);
-        write_normalized<kAda>(x + i * n, out + i * n, n, s, c, ck);
+        RowStats s;
+        if (row_stats(x + i * n, n, eps, unbiased, s)) {
+          write_normalized<kAda>(x + i * n, out + i * n, n, s, c, ck);
+        } else {
+          s = write_normalized_double<kAda>(x + i * n, out + i * n, n, eps, unbiased, c, ck);
+        }
         mean[i] = s.mean;
         rstd[i] = s.rstd;
       }
@@ -243,8 +343,12 @@ void forward_rows(const scalar_t* x, scalar_t* out, float* mean, float* rstd, in
       std::vector<float> xf(n), of(n);
       for (int64_t i = begin; i < end; ++i) {
         to_float_row(x + i * n, xf.data(), n);
-        const RowStats s = row_stats(xf.data(), n, eps, unbiased);
-        write_normalized<kAda>(xf.data(), of.data(), n, s, c, ck);
+        RowStats s;
+        if (row_stats(xf.data(), n, eps, unbiased, s)) {
+          write_normalized<kAda>(xf.data(), of.data(), n, s, c, ck);
+        } else {
+          s = write_normalized_double<kAda>(xf.data(), of.data(), n, eps, unbiased, c, ck);
+        }
         from_float_row(of.data(), out + i * n, n);
         mean[i] = s.mean;
         rstd[i] = s.rstd;
@@ -253,7 +357,7 @@ void forward_rows(const scalar_t* x, scalar_t* out, float* mean, float* rstd, in
   });
 }
 
-template <typename scalar_t, bool kAda>
+template <typename scalar_t, bool kAda, bool kRho>
 void backward_rows(const scalar_t* g, const scalar_t* x, const float* mean, const float* rstd,
                    scalar_t* dx, int64_t rows, int64_t n, float c, float ck,
                    const BackwardFlags& f) {
@@ -263,7 +367,8 @@ void backward_rows(const scalar_t* g, const scalar_t* x, const float* mean, cons
         if (x == nullptr) {
           scale_row(g + i * n, dx + i * n, n, rstd[i]);
         } else {
-          backward_row<kAda>(x + i * n, g + i * n, dx + i * n, n, {mean[i], rstd[i]}, c, ck, f);
+          backward_row<kAda, kRho>(x + i * n, g + i * n, dx + i * n, n, {mean[i], rstd[i]}, c,
+                                   ck, f);
         }
       }
     } else {
@@ -274,7 +379,8 @@ void backward_rows(const scalar_t* g, const scalar_t* x, const float* mean, cons
           scale_row(gf.data(), df.data(), n, rstd[i]);
         } else {
           to_float_row(x + i * n, xf.data(), n);
-          backward_row<kAda>(xf.data(), gf.data(), df.data(), n, {mean[i], rstd[i]}, c, ck, f);
+          backward_row<kAda, kRho>(xf.data(), gf.data(), df.data(), n, {mean[i], rstd[i]}, c,
+                                   ck, f);
         }
         from_float_row(df.data(), dx + i * n, n);
       }
@@ -358,12 +464,21 @@ at::Tensor norm_backward_cpu(const at::Tensor& grad_in, const std::optional<at::
   const float c = ada ? static_cast<float>(*scale) : 1.f;
   const float ck = ada ? static_cast<float>(*scale * k) : 0.f;
   const BackwardFlags flags{detach_mean, detach_std, unbiased, eps};
+  const bool need_rho = unbiased && !detach_std;
   auto run = [&](auto scalar_tag, auto ada_tag) {
     using scalar_t = decltype(scalar_tag);
-    backward_rows<scalar_t, decltype(ada_tag)::value>(
-        g.const_data_ptr<scalar_t>(), only_scale ? nullptr : x.const_data_ptr<scalar_t>(),
-        only_scale ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
-        dx.mutable_data_ptr<scalar_t>(), rows, n, c, ck, flags);
+    constexpr bool kAda = decltype(ada_tag)::value;
+    const scalar_t* x_ptr = only_scale ? nullptr : x.const_data_ptr<scalar_t>();
+    const float* mean_ptr = only_scale ? nullptr : mean.const_data_ptr<float>();
+    if (need_rho) {
+      backward_rows<scalar_t, kAda, true>(g.const_data_ptr<scalar_t>(), x_ptr, mean_ptr,
+                                          rstd.const_data_ptr<float>(),
+                                          dx.mutable_data_ptr<scalar_t>(), rows, n, c, ck, flags);
+    } else {
+      backward_rows<scalar_t, kAda, false>(g.const_data_ptr<scalar_t>(), x_ptr, mean_ptr,
+                                           rstd.const_data_ptr<float>(),
+                                           dx.mutable_data_ptr<scalar_t>(), rows, n, c, ck, flags);
+    }
   };
   dispatch_float_types(g.scalar_type(), ada, run);
   return dx;
@@ -389,6 +504,18 @@ at::Tensor call_backward(const at::Tensor& g, const std::optional<at::Tensor>& x
                        .findSchemaOrThrow("adanorm::norm_backward", "")
                        .typed<decltype(norm_backward_cpu)>();
   return op.call(g, x, mean, rstd, eps, unbiased, detach_mean, detach_std, scale, k);
+}
+
+at::Tensor call_input_grad(const at::Tensor& g, const std::optional<at::Tensor>& x,
+                           const at::Tensor& rstd, double eps, bool unbiased, bool detach_mean,
+                           bool detach_std, std::optional<double> scale, double k) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("adanorm::norm_input_grad", "")
+          .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                            const at::Tensor&, double, bool, bool, bool, std::optional<double>,
+                            double)>();
+  return op.call(g, x, rstd, eps, unbiased, detach_mean, detach_std, scale, k);
 }
 
 class NormFunction : public torch::autograd::Function<NormFunction> {
@@ -431,10 +558,19 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         ctx->saved_data["has_scale"].toBool()
             ? std::optional<double>(ctx->saved_data["scale"].toDouble())
             : std::nullopt;
-    at::Tensor dx = call_backward(
-        grads[0], x, mean, rstd, ctx->saved_data["eps"].toDouble(),
-        ctx->saved_data["unbiased"].toBool(), ctx->saved_data["detach_mean"].toBool(),
-        ctx->saved_data["detach_std"].toBool(), scale, ctx->saved_data["k"].toDouble());
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool unbiased = ctx->saved_data["unbiased"].toBool();
+    const bool detach_mean = ctx->saved_data["detach_mean"].toBool();
+    const bool detach_std = ctx->saved_data["detach_std"].toBool();
+    const double k = ctx->saved_data["k"].toDouble();
+    at::Tensor dx;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: a backward that autograd can differentiate again (see the header).
+      dx = call_input_grad(grads[0], x, rstd, eps, unbiased, detach_mean, detach_std, scale, k);
+    } else {
+      dx = call_backward(grads[0], x, mean, rstd, eps, unbiased, detach_mean, detach_std, scale,
+                         k);
+    }
     return {dx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};
   }
@@ -463,6 +599,10 @@ TORCH_LIBRARY(adanorm, m) {
   m.def(
       "norm_backward(Tensor grad, Tensor? x, Tensor? mean, Tensor rstd, float eps, "
       "bool unbiased, bool detach_mean, bool detach_std, float? scale, float k) -> Tensor");
+  // Implemented in Python (CompositeImplicitAutograd), see adanorm/_kernels/__init__.py.
+  m.def(
+      "norm_input_grad(Tensor grad, Tensor? x, Tensor rstd, float eps, bool unbiased, "
+      "bool detach_mean, bool detach_std, float? scale, float k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(adanorm, CPU, m) {

@@ -54,6 +54,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
+    # Which kernel computes each norm here, and why (a failed C++ build is recorded, not only
+    # warned about once).
+    info["adanorm_backends"] = adanorm.backend_info()
     return info
 
 
