@@ -21,13 +21,18 @@ directly (marker file ``<library name>.complete``).  Waiting for another live bu
 ``$ADANORM_BUILD_TIMEOUT`` seconds (default 900); then the fallback is used, with a warning that
 names the lock.
 
-GPU: :mod:`adanorm._kernels.triton_norm` holds Triton kernels; it is imported only when CUDA is
-available, so CPU-only machines never import triton.
+GPU: ``norm_cuda.cu`` registers CUDA implementations of the same operators, so the C++ autograd
+kernel runs AdaNorm and DetachNorm on CUDA with no Python on the hot path.  It is compiled with
+nvcc on first use (about a minute, once per machine and GPU architecture) under the same lock
+protocol.  Where there is no nvcc or the build fails, :mod:`adanorm._kernels.triton_norm`'s Triton
+kernels run instead (``ADANORM_CUDA_BACKEND=triton`` forces them, ``cuda-cpp`` insists on C++);
+triton is imported only when CUDA is available, so CPU-only machines never import it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -45,6 +50,10 @@ __all__ = [
     "extension_disabled",
     "cuda_kernels_ready",
     "cuda_norm",
+    "cuda_backend",
+    "cuda_status",
+    "CUDA_MAX_WIDTH",
+    "CUDA_SOURCE_PATH",
     "build_directory",
     "SOURCE_PATH",
 ]
@@ -59,8 +68,15 @@ _cpu_failure: tuple[str, str] | None = None
 _cpu_library: str | None = None
 _BUILD_TIMEOUT_ENV = "ADANORM_BUILD_TIMEOUT"
 _DEFAULT_BUILD_TIMEOUT_S = 900.0
-_cuda_state: bool | None = None
+_cuda_state: bool | None = None  # any fused CUDA kernel loaded
 _triton_module = None  # adanorm._kernels.triton_norm once imported (CUDA machines only)
+_triton_failure: str | None = None
+_cuda_cpp_state: bool | None = None
+_cuda_cpp_failure: str | None = None
+_cuda_library: str | None = None
+_CUDA_BACKEND_ENV = "ADANORM_CUDA_BACKEND"
+CUDA_SOURCE_PATH = Path(__file__).with_name("norm_cuda.cu")
+CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 1024 threads x 16 elements in registers
 
 
 def extension_disabled() -> bool:
@@ -124,7 +140,7 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("adanorm::norm_forward")
     def _forward_fake(x, eps, unbiased, scale, k):
-        rows = x.shape[0]
+        rows = math.prod(x.shape[:-1])  # any leading shape (the CUDA kernels take N-d input)
         return (
             x.new_empty(x.shape),
             x.new_empty((rows,), dtype=torch.float32),
@@ -201,15 +217,16 @@ def _library_name() -> str:
     return f"adanorm_cpu_{digest}"
 
 
-def _load_cpu_library() -> None:
-    global _cpu_library
+def _build_library(name: str, sources: list[Path], **load_kwargs: Any) -> Path:
+    """Build (once per machine, under the flock protocol above) and load a torch extension that
+    registers operators; return the path of its shared library."""
     from torch.utils import cpp_extension
 
-    name = _library_name()
     directory = build_directory() / name
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"{name}.so"
     complete = directory / f"{name}.complete"
+
     def built() -> bool:
         return complete.exists() and library.exists()
 
@@ -223,18 +240,26 @@ def _load_cpu_library() -> None:
                 (directory / "lock").unlink(missing_ok=True)
                 cpp_extension.load(
                     name=name,
-                    sources=[str(SOURCE_PATH)],
-                    extra_cflags=_compile_flags(_vector_capability()),
-                    extra_ldflags=["-fopenmp"],
+                    sources=[str(source) for source in sources],
                     build_directory=str(directory),
                     is_python_module=False,
                     verbose=os.environ.get("ADANORM_VERBOSE_BUILD", "") == "1",
+                    **load_kwargs,
                 )
                 temporary = complete.with_name(complete.name + f".{os.getpid()}.tmp")
                 temporary.write_text(str(library) + "\n")
                 os.replace(temporary, complete)
         finally:
             os.close(fd)
+    return library
+
+
+def _load_cpu_library() -> None:
+    global _cpu_library
+    library = _build_library(
+        _library_name(), [SOURCE_PATH], extra_cflags=_compile_flags(_vector_capability()),
+        extra_ldflags=["-fopenmp"],
+    )
     if not hasattr(torch.ops.adanorm, "norm_forward"):
         torch.ops.load_library(str(library))
     if not hasattr(torch.ops.adanorm, "norm_forward"):
@@ -309,8 +334,90 @@ def cpu_kernels_ready() -> bool:
     return True
 
 
+def _cuda_backend_choice() -> str:
+    choice = os.environ.get(_CUDA_BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "cuda-cpp", "triton"):
+        raise ValueError(
+            f"{_CUDA_BACKEND_ENV} must be auto, cuda-cpp or triton, got {choice!r}"
+        )
+    return choice
+
+
+def _find_nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    nvcc = Path(home, "bin", "nvcc") if home else None
+    return str(nvcc) if nvcc is not None and nvcc.exists() else shutil.which("nvcc")
+
+
+def _cuda_library_name() -> str:
+    major, minor = torch.cuda.get_device_capability()
+    tag = f"{CUDA_SOURCE_PATH.read_bytes()!r}{torch.version.cuda}{major}{minor}".encode()
+    return f"adanorm_cuda_{hashlib.sha256(tag).hexdigest()[:12]}_sm{major}{minor}"
+
+
+def _load_cuda_library() -> None:
+    global _cuda_library
+    major, minor = torch.cuda.get_device_capability()
+    library = _build_library(
+        _cuda_library_name(), [CUDA_SOURCE_PATH],
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+    )
+    torch.ops.load_library(str(library))
+    probe = torch.ones(2, 8, device="cuda")
+    if torch.ops.adanorm.norm(probe, 1e-5, False, False, False, None, 0.1).abs().max() > 1e-3:
+        raise RuntimeError("the CUDA kernels normalize a constant row to non-zeros")
+    _cuda_library = str(library)
+
+
+def _cuda_cpp_ready() -> bool:
+    """Build (once per machine) and load the CUDA C++ kernels; False (and the reason in
+    :func:`cuda_status`) when there is no nvcc, no C++ CPU library or the build fails."""
+    global _cuda_cpp_state, _cuda_cpp_failure
+    if _cuda_cpp_state is not None:
+        return _cuda_cpp_state
+    _cuda_cpp_state = False
+    if not cpu_kernels_ready():
+        _cuda_cpp_failure = "the C++ CPU library (which defines the operators) is unavailable"
+    elif _find_nvcc() is None:
+        _cuda_cpp_failure = "no nvcc found (set CUDA_HOME)"
+    else:
+        if _find_compiled(_cuda_library_name()) is None:
+            print("adanorm: compiling the CUDA kernels once for this machine (about a minute)...",
+                  flush=True)
+        try:
+            _load_cuda_library()
+        except Exception as error:
+            _cuda_cpp_failure = f"{type(error).__name__}: {str(error)[-400:]}"
+        else:
+            _cuda_cpp_state = True
+    return _cuda_cpp_state
+
+
+def _find_compiled(name: str) -> Path | None:
+    complete = build_directory() / name / f"{name}.complete"
+    return complete if complete.exists() else None
+
+
+def _triton_ready() -> bool:
+    global _triton_module, _triton_failure
+    if _triton_module is not None:
+        return True
+    if _triton_failure is not None:
+        return False
+    try:
+        from . import triton_norm  # registers the adanorm_triton ops
+    except Exception as error:
+        _triton_failure = f"{type(error).__name__}: {error}"
+        return False
+    _triton_module = triton_norm
+    return True
+
+
 def cuda_kernels_ready() -> bool:
-    """True when the Triton kernels are importable: CUDA present and triton installed.
+    """Load the fused CUDA kernels once: the C++ kernels (built with nvcc on first use) unless
+    ``ADANORM_CUDA_BACKEND=triton``, else the Triton kernels; False means the pure-PyTorch path.
 
     triton is imported here and only here, and only after CUDA was found."""
     global _cuda_state
@@ -318,25 +425,50 @@ def cuda_kernels_ready() -> bool:
         return _cuda_state
     if extension_disabled() or not torch.cuda.is_available():
         return False
-    global _triton_module
-    try:
-        from . import triton_norm  # registers the adanorm_triton ops
-    except Exception as error:
-        _cuda_state = False
+    choice = _cuda_backend_choice()
+    cpp = choice in ("auto", "cuda-cpp") and _cuda_cpp_ready()
+    triton = _triton_ready()
+    _cuda_state = cpp or triton
+    if choice == "cuda-cpp" and not cpp:
+        warnings.warn(f"adanorm: {_CUDA_BACKEND_ENV}=cuda-cpp but the CUDA C++ kernels are "
+                      f"unavailable ({_cuda_cpp_failure}); using "
+                      f"{'Triton' if triton else 'the pure-PyTorch kernels'}.",
+                      RuntimeWarning, stacklevel=3)
+    elif not _cuda_state:
         warnings.warn(
-            f"adanorm: Triton kernels unavailable ({type(error).__name__}: {error}); using "
-            "the pure-PyTorch kernels on CUDA.",
-            RuntimeWarning,
-            stacklevel=3,
+            f"adanorm: no fused CUDA kernels (C++: {_cuda_cpp_failure}; Triton: "
+            f"{_triton_failure}); using the pure-PyTorch kernels on CUDA.",
+            RuntimeWarning, stacklevel=3,
         )
-        return False
-    _triton_module = triton_norm
-    _cuda_state = True
-    return True
+    return _cuda_state
+
+
+def cuda_status() -> dict[str, Any]:
+    """The CUDA kernels' state in this process (for ``adanorm.backend_info()``)."""
+    return {
+        "cuda_available": torch.cuda.is_available(),
+        "choice": os.environ.get(_CUDA_BACKEND_ENV, "auto"),
+        "cuda_cpp": "not-tried" if _cuda_cpp_state is None else (
+            "loaded" if _cuda_cpp_state else "failed"),
+        "cuda_cpp_detail": _cuda_cpp_failure,
+        "cuda_cpp_library": _cuda_library,
+        "triton": "loaded" if _triton_module is not None else (
+            "failed" if _triton_failure is not None else "not-tried"),
+        "triton_detail": _triton_failure,
+    }
+
+
+def cuda_backend(width: int) -> str | None:
+    """Which fused CUDA kernel takes rows of ``width``: ``"cuda-cpp"``, ``"triton"`` or None."""
+    if _cuda_cpp_state and width <= CUDA_MAX_WIDTH:
+        return "cuda-cpp"
+    if _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values()):
+        return "triton"
+    return None
 
 
 def cuda_norm(
-    x2d: torch.Tensor,
+    x: torch.Tensor,
     eps: float,
     unbiased: bool,
     detach_mean: bool,
@@ -344,8 +476,18 @@ def cuda_norm(
     scale: float | None,
     k: float,
 ) -> torch.Tensor | None:
-    """The Triton kernels on a CUDA (rows, H) tensor, or None where they do not apply (rows wider
-    than triton_norm.MAX_WIDTH).  Call only after :func:`cuda_kernels_ready` returned True."""
-    if _triton_module is None or not _triton_module.supports(x2d):
+    """The fused CUDA kernels on a CUDA tensor normalized over its last dimension (any leading
+    shape), or None where none applies (rows too wide).  Call only after
+    :func:`cuda_kernels_ready` returned True."""
+    width = x.shape[-1]
+    if _cuda_cpp_state and width <= CUDA_MAX_WIDTH:
+        return _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k)
+    if _triton_module is None or not _triton_module.supports(x.reshape(-1, width)):
         return None
-    return _triton_module.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
+    return _triton_module.norm(
+        x.reshape(-1, width), eps, unbiased, detach_mean, detach_std, scale, k
+    ).view(x.shape)
+
+
+def _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k):
+    return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
