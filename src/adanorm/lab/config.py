@@ -390,7 +390,9 @@ def _check_cross_keys(cfg: dict[str, Any]) -> None:
     if train["max_epochs"] == 0 and train["max_steps"] == 0:
         raise ConfigError("set train.max_epochs or train.max_steps (both are 0)")
     if not _DEVICE.fullmatch(train["device"]):
-        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {train['device']!r}")
+        raise ConfigError(
+            f"train.device must be auto, cpu, cuda or cuda:N, got {train['device']!r}"
+        )
     _check_norm(cfg["model"])
     cls = _known_task(cfg["task"])
     if cfg["data"]["name"] is None:
@@ -425,10 +427,11 @@ def load_config(task: str, preset: str = "cpu", overrides: Iterable[str] = ()) -
     raw = read_yaml_mapping(path)
     if raw.get("task", task) != task:
         raise ConfigError(f"{path} is a preset for task {raw['task']!r}, not {task!r}")
+    overrides = list(overrides)
     try:
         cfg = resolve({**raw, "task": task}, overrides)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}{' with --set overrides' if overrides else ''}: {exc}") from exc
     check_task(cfg)
     return cfg
 
@@ -459,17 +462,19 @@ def _longer_or_equal(old: int, new: int) -> bool:
     return new == 0 or (old != 0 and new >= old)
 
 
-def resume_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def resume_changes(
+    saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_longer: bool = True
+) -> list[str]:
     """The keys that differ between the config a run was started with and ``new``, other than
-    a longer ``train.max_steps``/``train.max_epochs`` and cosmetic keys; empty if resuming is
-    safe."""
+    cosmetic keys and (with ``allow_longer``) a longer ``train.max_steps``/``max_epochs``;
+    empty if resuming is safe."""
     old_flat, new_flat = _flatten(saved), _flatten(new)
     changed = []
     for key in sorted(set(old_flat) | set(new_flat)):
         old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
         if old == value or key in _COSMETIC:
             continue
-        if key in _LENGTH and isinstance(old, int) and isinstance(value, int):
+        if allow_longer and key in _LENGTH and isinstance(old, int) and isinstance(value, int):
             if _longer_or_equal(old, value):
                 continue
             changed.append(f"{key} {old!r} -> {value!r} (only a longer run may resume)")

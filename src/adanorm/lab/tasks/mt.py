@@ -50,10 +50,10 @@ from .mt_data import (
     SACREBLEU_SMOOTH,
     Postprocessor,
     PreparedCorpus,
+    _resolve_options,
     bleu_from_statistics,
     bleu_statistics,
     prepare_corpus,
-    _resolve_options,
     sacrebleu_signature,
 )
 from .mt_model import TransformerMT
