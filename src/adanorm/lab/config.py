@@ -1,9 +1,13 @@
 """Experiment configs: YAML presets per task plus dotted command-line overrides.
 
 A config is a plain nested ``dict`` (YAML in, YAML out), so it is trivially saved next to every run
-and compared between runs.  Presets live in ``configs/<task>/<preset>.yaml``; every preset is
-validated against the engine's defaults (:data:`ENGINE_DEFAULTS`) merged under it, so a typo in a
-preset or an override (``optim.lrr=1``) is an error instead of a silently ignored key.
+and compared between runs.  Presets live in ``configs/<task>/<preset>.yaml``.  Every key is declared
+once with its type, range and default: the engine's in :data:`ENGINE_SCHEMA`, a task's ``data``,
+``model`` and ``generation`` keys in its ``config_schema`` (a ``TaskSchema``).
+:func:`resolve` checks a preset plus overrides against both and fills in the defaults, so a typo in
+a preset or an override (``optim.lrr=1``, ``model: {nrom: adanorm}``) is a one-line error instead of
+a silently ignored key, before any data is read or any file written.  :func:`check_resume` refuses
+to continue a run with a config other than the one it was started with.
 """
 
 from __future__ import annotations
