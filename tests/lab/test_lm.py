@@ -222,7 +222,11 @@ def test_enwik8_refuses_wrong_archives(tmp_path: Path) -> None:
 
 
 def test_enwik8_needs_a_protocol() -> None:
-    cfg = load_config("lm", "paper", ["data.protocol=chars"])
+    # Refused when the config is loaded (before any run directory exists), and by the task.
+    with pytest.raises(ValueError, match="data.protocol must be one of raw, txl"):
+        load_config("lm", "paper", ["data.protocol=chars"])
+    cfg = load_config("lm", "paper")
+    cfg["data"]["protocol"] = "chars"
     with pytest.raises(ValueError, match="data.protocol must be one of raw, txl"):
         LMTask(cfg)
 

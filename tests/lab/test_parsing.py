@@ -330,7 +330,10 @@ def test_missing_ptb_files_name_the_expected_paths(tmp_path: Path) -> None:
     cfg = load_config("parsing", "smoke", ["data.name=ptb", f"data.ptb_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="train.conllx"):
         ParsingTask(cfg).dataset("train")
-    cfg = load_config("parsing", "smoke", ["data.name=ptb", "data.pos_field=upos"])
+    # Refused when the config is loaded (before any run directory exists), and by the task.
+    with pytest.raises(ValueError, match="data.pos_field='upos'"):
+        load_config("parsing", "smoke", ["data.name=ptb", "data.pos_field=upos"])
+    cfg["data"]["pos_field"] = "upos"
     with pytest.raises(ValueError, match="data.pos_field='upos'"):
         ParsingTask(cfg)
 

@@ -1,9 +1,13 @@
 """Experiment configs: YAML presets per task plus dotted command-line overrides.
 
 A config is a plain nested ``dict`` (YAML in, YAML out), so it is trivially saved next to every run
-and compared between runs.  Presets live in ``configs/<task>/<preset>.yaml``; every preset is
-validated against the engine's defaults (:data:`ENGINE_DEFAULTS`) merged under it, so a typo in a
-preset or an override (``optim.lrr=1``) is an error instead of a silently ignored key.
+and compared between runs.  Presets live in ``configs/<task>/<preset>.yaml``.  Every key is declared
+once with its type, range and default: the engine's in :data:`ENGINE_SCHEMA`, a task's ``data``,
+``model`` and ``generation`` keys in its ``config_schema`` (a ``TaskSchema``).
+:func:`resolve` checks a preset plus overrides against both and fills in the defaults, so a typo in
+a preset or an override (``optim.lrr=1``, ``model: {nrom: adanorm}``) is a one-line error instead of
+a silently ignored key, before any data is read or any file written.  :func:`check_resume` refuses
+to continue a run with a config other than the one it was started with.
 """
 
 from __future__ import annotations
@@ -11,15 +15,37 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .schedules import SCHEDULES
+from .schema import (
+    Bool,
+    ConfigError,
+    EpochOrInt,
+    Float,
+    FloatList,
+    Int,
+    Kwargs,
+    Str,
+    TaskSchema,
+    check_section,
+)
+
 __all__ = [
     "ConfigError",
     "ENGINE_DEFAULTS",
+    "ENGINE_SCHEMA",
+    "MAX_THREADS",
+    "resolve",
+    "task_schema",
+    "canonical_norm",
+    "resume_changes",
+    "check_resume",
     "config_dirs",
     "find_preset",
     "load_config",
@@ -32,67 +58,85 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A preset, an override or a config value is wrong; the message names it."""
+# Every key the generic engine reads: its type, range and default.  Tasks declare the keys they
+# add under ``data`` and ``model`` (and their ``generation`` section) in their ``config_schema``
+# (:class:`~adanorm.lab.schema.TaskSchema`); any other key is an error, except below a key whose
+# name ends in ``_kwargs`` (free-form keyword arguments, e.g. a norm's).
+#: Intra-op threads accepted by ``train.threads``: a bound independent of the machine (so a
+#: config valid here is valid on a bigger one) that keeps far from OpenMP's own limits
+#: (``--threads 100000`` crashes the process).
+MAX_THREADS = max(256, os.cpu_count() or 1)
+#: Seeds are fed to numpy, which takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
 
-
-# Every key the generic engine reads, with its default.  Tasks add their own keys under ``data``
-# and ``model`` in their presets; keys are only accepted if a preset or these defaults declare them,
-# except below a key whose name ends in ``_kwargs`` (free-form keyword arguments, e.g. a norm's).
-ENGINE_DEFAULTS: dict[str, Any] = {
-    "task": None,
-    "seed": 1,
+ENGINE_SCHEMA: dict[str, Any] = {
+    "task": Str(None, "the task name (set from the command line)", nullable=True),
+    "seed": Int(1, low=0, high=MAX_SEED),
     "data": {
-        "name": None,  # the dataset key reported in tables, e.g. "mnist", "rt", "sst5"
-        "batch_size": 32,  # the *global* batch: split evenly over DDP processes
-        "eval_batch_size": 256,
-        "max_examples": 0,  # >0: keep only the first N examples of every split (smoke tests)
+        "name": Str(None, 'the dataset key reported in tables, e.g. "mnist", "rt"', nullable=True),
+        "batch_size": Int(32, "the *global* batch: split evenly over DDP processes", low=1),
+        "eval_batch_size": Int(256, low=1),
+        "max_examples": Int(0, ">0: keep only the first N examples of every split", low=0),
     },
     "model": {
-        "norm": "layernorm",
-        "norm_kwargs": {},
+        "norm": Str("layernorm", "a registered norm name or alias (adanorm.available_norms())"),
+        "norm_kwargs": Kwargs("keyword arguments of the norm, e.g. {scale: 2} for AdaNorm's C"),
     },
     "optim": {
-        "name": "adam",  # adam | adamw | sgd
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
-        "momentum": 0.9,  # sgd only
-        "clip_norm": 0.0,  # 0 disables gradient clipping
-        "accum_steps": 1,  # micro-batches per optimizer update
+        "name": Str("adam", choices=("adam", "adamw", "sgd")),
+        "lr": Float(1e-3, low=0.0),
+        "weight_decay": Float(0.0, low=0.0),
+        "betas": FloatList([0.9, 0.999], length=2, low=0.0, high=1.0, high_open=True),
+        "eps": Float(1e-8, low=0.0, low_open=True),
+        "momentum": Float(0.9, "sgd only", low=0.0, high=1.0),
+        "clip_norm": Float(0.0, "0 disables gradient clipping", low=0.0),
+        "accum_steps": Int(1, "micro-batches per optimizer update", low=1),
     },
     "schedule": {
-        "name": "constant",  # constant | linear | cosine | inverse_sqrt
-        "warmup_steps": 0,
-        "warmup_init_lr": 0.0,  # lr at step 0 of the warm-up, as fairseq's --warmup-init-lr
-        "min_lr": 0.0,  # floor for linear and cosine decay
+        "name": Str("constant", choices=SCHEDULES),
+        "warmup_steps": Int(0, low=0),
+        "warmup_init_lr": Float(0.0, "lr at step 0 of the warm-up (fairseq's)", low=0.0),
+        "min_lr": Float(0.0, "floor for linear and cosine decay", low=0.0),
     },
     "train": {
-        "max_epochs": 1,
-        "max_steps": 0,  # 0: no step limit; otherwise stops after this many optimizer updates
-        "eval_every": "epoch",  # "epoch" or a number of optimizer updates
-        "log_every": 50,  # optimizer updates between train-loss lines in metrics.jsonl
-        "checkpoint_every": 500,  # optimizer updates between checkpoints (and at every eval)
-        "patience": 0,  # evaluations without improvement before stopping; 0 disables
-        "amp": "none",  # none | bf16 | fp16 (fp16 on CUDA only)
-        "device": "auto",  # auto | cpu | cuda | cuda:N
-        "threads": 1,  # torch intra-op threads per process
+        "max_epochs": Int(1, low=0),
+        "max_steps": Int(0, "0: no step limit; else stop after this many updates", low=0),
+        "eval_every": EpochOrInt("epoch", '"epoch" or a number of optimizer updates'),
+        "log_every": Int(50, "optimizer updates between train-loss lines", low=1),
+        "checkpoint_every": Int(500, "updates between checkpoints (and at every eval)", low=1),
+        "patience": Int(0, "evaluations without improvement before stopping; 0 disables", low=0),
+        "amp": Str("none", choices=("none", "bf16", "fp16")),
+        "device": Str("auto", "auto | cpu | cuda | cuda:N"),
+        "threads": Int(1, "torch intra-op threads per process (0 means 1)", low=0,
+                       high=MAX_THREADS),
         # >0: the final model is the average of the weights at the last N evaluations (fairseq's
         # average_checkpoints.py over the last N saved checkpoints) instead of the best one.
-        "average_checkpoints": 0,
-        "progress": True,
-        "deterministic": True,
+        "average_checkpoints": Int(0, low=0),
+        "progress": Bool(True),
+        "deterministic": Bool(True),
     },
-    # Decoding settings of generation tasks, declared by their presets (mt: beam, lenpen,
+    # Decoding settings of generation tasks, declared by their TaskSchema (mt: beam, lenpen,
     # max_len_a, max_len_b); empty for the others.
     "generation": {},
     "analysis": {
         # Record Theorem-1 gradient statistics of every norm layer every N optimizer updates
         # (adanorm.analysis.GradientStatsRecorder) into metrics.jsonl; 0 disables.
-        "gradstats_every": 0,
+        "gradstats_every": Int(0, low=0),
     },
 }
+
+#: The engine's defaults, derived from :data:`ENGINE_SCHEMA` (kept for backward compatibility).
+ENGINE_DEFAULTS: dict[str, Any] = {
+    key: (
+        {k: copy.deepcopy(f.default) for k, f in spec.items()}
+        if isinstance(spec, dict)
+        else spec.default
+    )
+    for key, spec in ENGINE_SCHEMA.items()
+}
+
+_SECTIONS = tuple(k for k, v in ENGINE_SCHEMA.items() if isinstance(v, dict))
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _repo_config_dir() -> Path:
@@ -138,20 +182,6 @@ def find_preset(task: str, preset: str) -> Path:
     )
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str, strict: bool) -> None:
-    for key, value in update.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key in base and isinstance(base[key], dict) and isinstance(value, Mapping):
-            free = str(key).endswith("_kwargs")
-            _merge(base[key], value, path, strict and not free)
-        else:
-            if strict and key not in base and where in ("", "optim", "schedule", "train"):
-                raise ConfigError(
-                    f"unknown config key {path!r}; known keys here: {', '.join(sorted(base))}"
-                )
-            base[key] = copy.deepcopy(value)
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; the value is parsed as YAML."""
     if "=" not in text:
@@ -163,7 +193,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({exc})") from exc
+        raise ConfigError(
+            f"override {text!r}: value {raw!r} is not valid YAML ({_yaml_problem(exc)})"
+        ) from exc
     # YAML 1.1 reads "1e-3" as a string; people mean a float.
     if isinstance(value, str) and any(c in value for c in ".eE"):
         with contextlib.suppress(ValueError):
@@ -219,45 +251,174 @@ def apply_overrides(cfg: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return out
 
 
-def _validate(cfg: dict[str, Any]) -> None:
-    train = cfg["train"]
-    if train["amp"] not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {train['amp']!r}")
-    ev = train["eval_every"]
-    if not (ev == "epoch" or (isinstance(ev, int) and not isinstance(ev, bool) and ev > 0)):
-        raise ConfigError(f"train.eval_every must be 'epoch' or a positive int, got {ev!r}")
-    for key in ("max_epochs", "max_steps", "log_every", "checkpoint_every", "patience", "threads"):
-        v = train[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"train.{key} must be a non-negative int, got {v!r}")
-    if train["max_epochs"] == 0 and train["max_steps"] == 0:
-        raise ConfigError("set train.max_epochs or train.max_steps (both are 0)")
-    for key in ("batch_size", "eval_batch_size"):
-        v = cfg["data"][key]
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"data.{key} must be a positive int, got {v!r}")
-    accum = cfg["optim"]["accum_steps"]
-    if not isinstance(accum, int) or accum < 1:
-        raise ConfigError(f"optim.accum_steps must be an int >= 1, got {accum!r}")
-    for key in ("lr", "weight_decay", "clip_norm"):
-        v = cfg["optim"][key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"optim.{key} must be a number >= 0, got {v!r}")
-    if not isinstance(cfg["model"].get("norm_kwargs"), dict):
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message, as one line: the problem and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with a repeated key (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1}: a YAML mapping "
+                f"may set each key once"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def read_yaml_mapping(path: str | os.PathLike[str], what: str = "a preset") -> dict[str, Any]:
+    """The mapping in the YAML file ``path``; one-line :class:`ConfigError` if the file is not
+    UTF-8 text, not valid YAML, empty, has a duplicate key or is not a mapping."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"model.norm_kwargs must be a mapping, got {cfg['model']['norm_kwargs']!r}"
+            f"{path}: not a UTF-8 text file (byte {exc.start}); {what} must be a YAML mapping"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(exc)})") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty (or only comments); {what} must be a "
+                          f"YAML mapping with at least task-specific data and model keys")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {what} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def _known_task(task: Any) -> type:
+    from .task import available_tasks, get_task
+
+    known = available_tasks()
+    if not isinstance(task, str) or task not in known:
+        raise ConfigError(f"unknown task {task!r}; known tasks: {', '.join(known)}")
+    return get_task(task)
+
+
+def task_schema(task: str) -> TaskSchema:
+    """The declared ``data``/``model``/``generation`` keys of ``task``."""
+    cls = _known_task(task)
+    schema = getattr(cls, "config_schema", None)
+    if not isinstance(schema, TaskSchema):
+        raise ConfigError(
+            f"task {task!r} ({cls.__module__}.{cls.__qualname__}) declares no config_schema; "
+            f"give it a class attribute config_schema = TaskSchema(data=..., model=...)"
         )
-    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool):
-        raise ConfigError(f"seed must be an int, got {cfg['seed']!r}")
+    return schema
+
+
+def canonical_norm(name: Any, where: str = "model.norm") -> str:
+    """The registered name of the norm ``name`` (an alias such as ``ln`` included)."""
+    import adanorm
+
+    if not isinstance(name, str):
+        raise ConfigError(f"{where} must be a norm name, got {name!r}")
+    try:
+        factory = adanorm.get_norm(name)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{where}: unknown norm {name!r}; known norms: {', '.join(adanorm.available_norms())} "
+            f"(aliases such as ln, layer_norm, ada_norm also work)"
+        ) from exc
+    for registered in adanorm.available_norms():
+        if adanorm.get_norm(registered) is factory:
+            return registered
+    return name.lower()
+
+
+def _check_norm(model: dict[str, Any]) -> None:
+    import adanorm
+
+    model["norm"] = canonical_norm(model["norm"])
+    # Build one small norm now, so misspelled keyword arguments fail before any data is read.
+    try:
+        adanorm.make_norm(model["norm"], 8, **model["norm_kwargs"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"model.norm_kwargs={model['norm_kwargs']!r} do not fit norm {model['norm']!r}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
 
 
 def resolve(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Merge ``raw`` over the engine defaults, apply overrides and validate."""
-    cfg = copy.deepcopy(ENGINE_DEFAULTS)
-    _merge(cfg, raw, "", strict=True)
-    cfg = apply_overrides(cfg, overrides)
-    _validate(cfg)
-    return cfg
+    """``raw`` (a preset's mapping, naming its ``task``) with ``overrides`` applied, checked
+    against the engine's and the task's declared schema, defaults filled in.
+
+    Idempotent: resolving a resolved config returns an equal config.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+    cfg = copy.deepcopy(dict(raw))
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(cfg, key, value, strict=False)
+    schema = task_schema(cfg.get("task"))
+    for key in cfg:
+        if key not in ENGINE_SCHEMA:
+            raise ConfigError(
+                f"unknown config key {key!r}; known top-level keys: {', '.join(ENGINE_SCHEMA)}"
+            )
+    task_fields = {"data": schema.data, "model": schema.model, "generation": schema.generation}
+    out: dict[str, Any] = {}
+    for key, spec in ENGINE_SCHEMA.items():
+        if isinstance(spec, dict):
+            fields = {**spec, **task_fields.get(key, {})}
+            out[key] = check_section(key, fields, cfg.get(key, {}))
+        else:
+            out[key] = spec.check(key, cfg[key]) if key in cfg else copy.deepcopy(spec.default)
+    _check_cross_keys(out)
+    return out
+
+
+def _check_cross_keys(cfg: dict[str, Any]) -> None:
+    train = cfg["train"]
+    if train["max_epochs"] == 0 and train["max_steps"] == 0:
+        raise ConfigError("set train.max_epochs or train.max_steps (both are 0)")
+    if not _DEVICE.fullmatch(train["device"]):
+        raise ConfigError(
+            f"train.device must be auto, cpu, cuda or cuda:N, got {train['device']!r}"
+        )
+    _check_norm(cfg["model"])
+    cls = _known_task(cfg["task"])
+    if cfg["data"]["name"] is None:
+        cfg["data"]["name"] = cfg["task"]
+    datasets = getattr(cls, "datasets", ())
+    if datasets and cfg["data"]["name"] not in datasets:
+        raise ConfigError(
+            f"task {cfg['task']!r} has no dataset {cfg['data']['name']!r}; choose data.name from "
+            f"{', '.join(datasets)}"
+        )
+
+
+def check_task(cfg: Mapping[str, Any]) -> None:
+    """Construct the task once (no data is read), so its checks across keys (e.g. textcls's
+    ``cv10`` for rt only) fail now, as one line, instead of after a run directory exists."""
+    cls = _known_task(cfg["task"])
+    try:
+        cls(cfg, None)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
 
 
 def load_config(task: str, preset: str = "cpu", overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -265,22 +426,79 @@ def load_config(task: str, preset: str = "cpu", overrides: Iterable[str] = ()) -
 
     The task name in the file, if any, must agree with ``task``.
     """
+    _known_task(task)
     path = find_preset(task, preset)
-    with open(path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a preset must be a YAML mapping, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path)
     if raw.get("task", task) != task:
         raise ConfigError(f"{path} is a preset for task {raw['task']!r}, not {task!r}")
-    raw = {**raw, "task": task}
-    cfg = resolve(raw, overrides)
-    if cfg["data"]["name"] is None:
-        cfg["data"]["name"] = task
+    overrides = list(overrides)
+    try:
+        cfg = resolve({**raw, "task": task}, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}{' with --set overrides' if overrides else ''}: {exc}") from exc
+    check_task(cfg)
     return cfg
 
 
 def dump_yaml(cfg: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+# --- resume ---------------------------------------------------------------------------------------
+#: Keys a resumed run may change: only the progress bar, which never touches a number.
+_COSMETIC = ("train.progress",)
+_LENGTH = ("train.max_steps", "train.max_epochs")
+
+
+def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and not str(key).endswith("_kwargs"):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _longer_or_equal(old: int, new: int) -> bool:
+    # 0 means "no limit" for both keys: longer than any number.
+    return new == 0 or (old != 0 and new >= old)
+
+
+def resume_changes(
+    saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_longer: bool = True
+) -> list[str]:
+    """The keys that differ between the config a run was started with and ``new``, other than
+    cosmetic keys and (with ``allow_longer``) a longer ``train.max_steps``/``max_epochs``;
+    empty if resuming is safe."""
+    old_flat, new_flat = _flatten(saved), _flatten(new)
+    changed = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
+        if old == value or key in _COSMETIC:
+            continue
+        if allow_longer and key in _LENGTH and isinstance(old, int) and isinstance(value, int):
+            if _longer_or_equal(old, value):
+                continue
+            changed.append(f"{key} {old!r} -> {value!r} (only a longer run may resume)")
+            continue
+        changed.append(f"{key} {old!r} -> {value!r}")
+    return changed
+
+
+def check_resume(saved_path: str | os.PathLike[str], cfg: Mapping[str, Any]) -> None:
+    """Refuse to resume the run whose ``config.yaml`` is ``saved_path`` with ``cfg`` if anything
+    but a longer run (or a cosmetic key) changed: the checkpoint was trained with the saved one."""
+    raw = read_yaml_mapping(saved_path, "a run's config.yaml")
+    try:
+        saved = resolve(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{saved_path}: {exc}; cannot compare it for --resume") from exc
+    changed = resume_changes(saved, resolve(cfg))
+    if changed:
+        raise ConfigError(
+            f"cannot resume {Path(saved_path).parent}: the config differs from the one it was "
+            f"started with ({saved_path}): {'; '.join(changed)}. Only a longer train.max_steps / "
+            f"train.max_epochs may change; undo the change or use a new --run-dir"
+        )

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import atomic_write_text
-from .config import ConfigError, load_config
+from .config import (
+    ConfigError,
+    canonical_norm,
+    load_config,
+    read_yaml_mapping,
+    resolve,
+    resume_changes,
+)
 
 __all__ = ["SweepRun", "plan_sweep", "run_sweep", "parse_seeds", "parse_list"]
 
@@ -77,15 +84,13 @@ def plan_sweep(
     scales: Sequence[float] | None = None,
     datasets: Sequence[str] | None = None,
 ) -> list[SweepRun]:
-    """The runs of a sweep; ``scales`` apply to AdaNorm only (its C)."""
-    import adanorm
-
-    known = set(adanorm.available_norms())
-    for norm in norms:
-        if norm not in known:
-            raise ConfigError(
-                f"unknown norm {norm!r} in --norms; known: {', '.join(sorted(known))}"
-            )
+    """The runs of a sweep; ``scales`` apply to AdaNorm only (its C).  Norm aliases (``ln``)
+    are accepted as ``train`` accepts them, and the runs use the registered name."""
+    canonical = [canonical_norm(norm, "--norms") for norm in norms]
+    for given, name in zip(norms, canonical, strict=True):
+        if canonical.count(name) > 1:
+            raise ConfigError(f"--norms names the norm {name!r} twice (as {given!r}); list it once")
+    norms = canonical
     if scales is not None and any(not s > 0 for s in scales):
         raise ConfigError(f"--scales must be positive, got {list(scales)}")
     runs = []
@@ -97,6 +102,25 @@ def plan_sweep(
                     run_dir = out / ds / _label(norm, scale) / f"seed{seed}"
                     runs.append(SweepRun(ds, norm, scale, seed, run_dir))
     return runs
+
+
+def _check_unchanged(run: SweepRun, cfg: dict) -> None:
+    """Refuse a sweep whose config differs from one its run ``run`` was started with: a finished
+    run must match exactly (it is not re-run), a started one may only get longer."""
+    saved_path = run.run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = resolve(read_yaml_mapping(saved_path, "a run's config.yaml"))
+    except ConfigError as exc:
+        raise ConfigError(f"{saved_path}: {exc}; cannot compare it with this sweep") from exc
+    changed = resume_changes(saved, cfg, allow_longer=not run.finished)
+    if changed:
+        state = "finished" if run.finished else "started"
+        raise ConfigError(
+            f"{run.run_dir} was {state} with a different config ({saved_path}): "
+            f"{'; '.join(changed)}. Restore the sweep's preset and overrides, or use a new --out"
+        )
 
 
 def _train_command(
@@ -141,10 +165,15 @@ def run_sweep(
     jobs: int = 1,
     argv: Sequence[str] | None = None,
 ) -> list[tuple[SweepRun, int]]:
-    """Run the unfinished ``runs``; return ``(run, exit code)`` for each run attempted."""
-    # Fail fast on a bad preset or override instead of once per run.
-    for run in runs[:1]:
-        load_config(task, preset, [*overrides, *run.overrides()])
+    """Run the unfinished ``runs``; return ``(run, exit code)`` for each run attempted.
+
+    Before anything is written, every run's config is validated and compared with the
+    ``config.yaml`` of a run already started or finished in its directory: a preset or override
+    edited mid-sweep would otherwise mix hyper-parameters in one table silently.
+    """
+    for run in runs:
+        cfg = load_config(task, preset, [*overrides, *run.overrides()])
+        _check_unchanged(run, cfg)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(shlex.quote(a) for a in (argv or sys.argv))
     atomic_write_text(

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..analysis import GradientStatsRecorder
 from . import checkpoint as ckpt
-from .config import ConfigError, dump_yaml
+from .config import ConfigError, check_resume, dump_yaml, resolve
 from .distributed import DistInfo, all_reduce_sums, barrier, init_distributed
 from .runinfo import environment, git_state, norm_label
 from .schedules import lr_multiplier
@@ -194,7 +194,8 @@ class Trainer:
         progress: bool | None = None,
         argv: list[str] | None = None,
     ) -> None:
-        self.cfg = cfg
+        # Every key checked (and defaults filled) before anything is built or written.
+        cfg = self.cfg = resolve(cfg)
         self.run_dir = Path(run_dir)
         self.data_dir = data_dir
         self.resume = resume
@@ -288,6 +289,8 @@ class Trainer:
         if (self.run_dir / RESULTS).exists():
             raise RunDirError(f"{self.run_dir} already holds a finished run ({RESULTS} exists)")
         if self.resume:
+            if last.exists() and (self.run_dir / "config.yaml").exists():
+                check_resume(self.run_dir / "config.yaml", self.cfg)
             return last.exists()
         if last.exists() or (self.run_dir / METRICS).exists():
             raise RunDirError(
@@ -296,7 +299,7 @@ class Trainer:
             )
         return False
 
-    def _write_provenance(self) -> None:
+    def _write_provenance(self, resuming: bool) -> None:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +314,9 @@ class Trainer:
             "command": self.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        name = "run.json" if not (self.run_dir / "run.json").exists() else "run.resumed.json"
+        # A run.json left by an attempt that never reached a checkpoint describes nothing that
+        # survives: a fresh start replaces it; only a resumed checkpoint gets run.resumed.json.
+        name = "run.resumed.json" if resuming else "run.json"
         ckpt.atomic_write_text(self.run_dir / name, json.dumps(info, indent=2) + "\n")
 
     # --- metrics file ---------------------------------------------------------------------------
@@ -559,7 +564,7 @@ class Trainer:
 
     def _fit(self, resume_from_checkpoint: bool) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg["train"]
-        self._write_provenance()
+        self._write_provenance(resume_from_checkpoint)
 
         seed_everything(cfg["seed"])
         self.train_set = self._limited(self.task.dataset("train"))

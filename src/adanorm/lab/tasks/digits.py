@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..schema import DropoutRate, IntList, TaskSchema
 from ..task import ClassificationTask, TensorDataset, register_task, stack_batch
 from .vision import ConvNet
 
@@ -62,6 +63,13 @@ _CACHE: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 @register_task("digits")
 class DigitsTask(ClassificationTask):
     datasets = ("digits",)
+    # Defaults: the digits paper/cpu presets' CNN.  The data ships with scikit-learn: no keys.
+    config_schema = TaskSchema(
+        model={
+            "channels": IntList([16, 32, 64], "output channels of each conv layer", low=1),
+            "dropout": DropoutRate(0.0),
+        },
+    )
 
     def dataset(self, split: str) -> Dataset:
         if "splits" not in _CACHE:
@@ -75,4 +83,4 @@ class DigitsTask(ClassificationTask):
 
     def build_model(self) -> nn.Module:
         m = self.cfg["model"]
-        return ConvNet(1, 8, m["channels"], 10, self.make_norm, float(m.get("dropout", 0.0)))
+        return ConvNet(1, 8, m["channels"], 10, self.make_norm, float(m["dropout"]))

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ..data import DataFile, DatasetInfo, register_dataset, require_dataset
+from ..schema import Bool, DropoutRate, Int, Str, TaskSchema
 from ..task import Stats, Task, register_task
 from .lm_data import (
     ENWIK8_PROTOCOLS,
@@ -90,6 +91,36 @@ _CORPORA: dict[tuple[str, str, str], Corpus] = {}
 @register_task("lm")
 class LMTask(Task):
     datasets = ("tiny_shakespeare", "enwik8")
+    # Defaults: the paper preset (configs/lm/paper.yaml: Transformer-XL base on enwik8).
+    config_schema = TaskSchema(
+        data={
+            "protocol": Str("txl", "enwik8: raw (bytes) or txl (newlines dropped); "
+                            "tiny_shakespeare: chars", choices=("chars", *ENWIK8_PROTOCOLS)),
+            "eval_streams": Int(10, "the split is read as this many contiguous streams", low=1),
+            "download": Bool(False, "fetch missing files into the data root (sha256-checked)"),
+        },
+        model={
+            "n_layer": Int(12, low=1),
+            "d_model": Int(512, low=1),
+            "n_head": Int(8, low=1),
+            "d_head": Int(64, low=1),
+            "d_inner": Int(2048, low=1),
+            "dropout": DropoutRate(0.1),
+            "dropatt": DropoutRate(0.0),
+            "pre_norm": Bool(False, "the reference is post-norm"),
+            "tie_weight": Bool(True),
+            "tgt_len": Int(512, low=1),
+            "mem_len": Int(512, low=0),
+            "clamp_len": Int(-1, "-1: no clamping", low=-1),
+            "same_length": Bool(False),
+            "train_memory_segments": Int(1, "segments run without gradient to fill the memory",
+                                         low=0),
+            "eval_tgt_len": Int(80, low=1),
+            "eval_mem_len": Int(2100, low=0),
+            "eval_clamp_len": Int(820, "-1: no clamping", low=-1),
+            "eval_same_length": Bool(True),
+        },
+    )
     valid_metric = "bpc"
     valid_mode = "min"
     test_metric = "bpc"
@@ -99,20 +130,19 @@ class LMTask(Task):
         super().__init__(cfg, data_dir)
         m = cfg["model"]
         self.tgt_len = self._positive_int(m, "tgt_len")
-        self.mem_len = int(m.get("mem_len", 0))
-        default_segments = math.ceil(self.mem_len / self.tgt_len) if self.mem_len > 0 else 0
-        self.memory_segments = int(m.get("train_memory_segments", default_segments))
+        self.mem_len = int(m["mem_len"])
+        self.memory_segments = int(m["train_memory_segments"])
         if self.memory_segments < 0:
             raise ValueError(
                 f"model.train_memory_segments must be >= 0, got {self.memory_segments}"
             )
         self.eval_lengths = {
-            "mem_len": int(m.get("eval_mem_len", self.mem_len)),
-            "clamp_len": int(m.get("eval_clamp_len", m.get("clamp_len", -1))),
-            "same_length": bool(m.get("eval_same_length", m.get("same_length", False))),
+            "mem_len": int(m["eval_mem_len"]),
+            "clamp_len": int(m["eval_clamp_len"]),
+            "same_length": bool(m["eval_same_length"]),
         }
-        self.eval_tgt_len = self._positive_int(m, "eval_tgt_len", self.tgt_len)
-        protocol = cfg["data"].get("protocol")
+        self.eval_tgt_len = self._positive_int(m, "eval_tgt_len")
+        protocol = cfg["data"]["protocol"]
         if self.dataset_name == "enwik8" and protocol not in ENWIK8_PROTOCOLS:
             raise ValueError(
                 f"data.protocol must be one of {', '.join(ENWIK8_PROTOCOLS)} for enwik8, "
@@ -131,9 +161,9 @@ class LMTask(Task):
     def corpus(self) -> Corpus:
         """The encoded splits; also sets the metric label, which names the protocol."""
         if self._corpus is None:
-            download = bool(self.cfg["data"].get("download", False))
+            download = bool(self.cfg["data"]["download"])
             directory = require_dataset(self.dataset_name, self.data_dir, download=download)
-            protocol = str(self.cfg["data"].get("protocol", "chars"))
+            protocol = str(self.cfg["data"]["protocol"])
             key = (self.dataset_name, str(directory.resolve()), protocol)
             if key not in _CORPORA:
                 if self.dataset_name == "tiny_shakespeare":
@@ -150,7 +180,7 @@ class LMTask(Task):
         ids = self.corpus().split(split)
         if split == "train":
             return SegmentWindows(ids, self.tgt_len, self.memory_segments * self.tgt_len)
-        return EvalStreams(ids, int(self.cfg["data"].get("eval_streams", 8)))
+        return EvalStreams(ids, int(self.cfg["data"]["eval_streams"]))
 
     def collate(self, examples: Any) -> Tensor:
         if isinstance(examples, Tensor):  # from __getitems__: already one batch
@@ -170,14 +200,14 @@ class LMTask(Task):
             n_head=self._positive_int(m, "n_head"),
             d_head=self._positive_int(m, "d_head"),
             d_inner=self._positive_int(m, "d_inner"),
-            dropout=float(m.get("dropout", 0.0)),
-            dropatt=float(m.get("dropatt", 0.0)),
+            dropout=float(m["dropout"]),
+            dropatt=float(m["dropatt"]),
             make_norm=self.make_norm,
-            pre_norm=bool(m.get("pre_norm", False)),
+            pre_norm=bool(m["pre_norm"]),
             mem_len=self.mem_len,
-            clamp_len=int(m.get("clamp_len", -1)),
-            same_length=bool(m.get("same_length", False)),
-            tie_weight=bool(m.get("tie_weight", True)),
+            clamp_len=int(m["clamp_len"]),
+            same_length=bool(m["same_length"]),
+            tie_weight=bool(m["tie_weight"]),
         )
 
     # --- criterion ------------------------------------------------------------------------------

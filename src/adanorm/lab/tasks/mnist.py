@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..data import require_dataset
+from ..schema import Bool, DropoutRate, IntList, TaskSchema
 from ..task import ClassificationTask, TensorDataset, register_task, stack_batch
 from .vision import ConvNet
 
@@ -66,10 +67,18 @@ def _load(directory: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 @register_task("mnist")
 class MnistTask(ClassificationTask):
     datasets = ("mnist",)
+    # Defaults: the paper preset's CNN (configs/mnist/paper.yaml).
+    config_schema = TaskSchema(
+        data={"download": Bool(False, "fetch missing files into the data root (sha256-checked)")},
+        model={
+            "channels": IntList([32, 64, 128], "output channels of each conv layer", low=1),
+            "dropout": DropoutRate(0.0),
+        },
+    )
 
     def dataset(self, split: str) -> Dataset:
         directory = require_dataset(
-            "mnist", self.data_dir, download=bool(self.cfg["data"].get("download", False))
+            "mnist", self.data_dir, download=self.cfg["data"]["download"]
         )
         train_x, train_y, test_x, test_y = _load(directory)
         if split == "train":
@@ -85,4 +94,4 @@ class MnistTask(ClassificationTask):
 
     def build_model(self) -> nn.Module:
         m = self.cfg["model"]
-        return ConvNet(1, 28, m["channels"], 10, self.make_norm, float(m.get("dropout", 0.0)))
+        return ConvNet(1, 28, m["channels"], 10, self.make_norm, float(m["dropout"]))

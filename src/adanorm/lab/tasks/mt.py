@@ -43,11 +43,14 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_write_text
 from ..data import data_root, user_cache_dir
+from ..schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
 from ..task import Stats, Task, register_task
 from .mt_data import (
+    BPE_METHODS,
     SACREBLEU_SMOOTH,
     Postprocessor,
     PreparedCorpus,
+    _resolve_options,
     bleu_from_statistics,
     bleu_statistics,
     prepare_corpus,
@@ -122,6 +125,55 @@ class TokenBatches(Dataset):
 @register_task("mt")
 class MTTask(Task):
     datasets = ("multi30k", "iwslt14_de_en", "iwslt15_en_vi", "wmt14_en_de")
+    # Defaults: the paper preset (configs/mt/paper.yaml, the authors' IWSLT14 recipe).  Keys
+    # whose default belongs to the recipe named by data.name (languages, lower-casing, BPE size,
+    # Moses escaping) have NO_DEFAULT: absent means the recipe's value (mt_data._RECIPES).
+    config_schema = TaskSchema(
+        data={
+            "src_lang": Str(NO_DEFAULT, "null: the recipe's", nullable=True),
+            "tgt_lang": Str(NO_DEFAULT, "null: the other language of the recipe", nullable=True),
+            "raw_dir": Str(None, "the extracted raw corpus (IWSLT, WMT)", nullable=True),
+            "lowercase": Bool(NO_DEFAULT, "null: the recipe's", nullable=True),
+            "bpe": Str("subword-nmt", choices=BPE_METHODS),
+            "bpe_merges": Int(NO_DEFAULT, "joint BPE merges (default: the recipe's)", low=1),
+            "spm_vocab_size": Int(8000, "bpe: sentencepiece only", low=8),
+            "dict_min_count": Int(1, low=1),
+            "moses_escape": Bool(NO_DEFAULT, "null: the recipe's", nullable=True),
+            "moses_aggressive": Bool(NO_DEFAULT, "null: the recipe's", nullable=True),
+            "clean_ratio": Float(1.5, "iwslt14_de_en only", low=1.0, nullable=True),
+            "clean_max_len": Int(175, "iwslt14_de_en only", low=1, nullable=True),
+            "icml17": Bool(False, "wmt14_en_de only"),
+            "max_len": Int(None, "extra train filter in BPE tokens", low=1, nullable=True),
+            "len_ratio": Float(None, low=1.0, nullable=True),
+            "max_train_sentences": Int(None, low=1, nullable=True),
+            "cache_dir": Str(None, "null or empty: <user cache>/mt", nullable=True),
+            "max_tokens": Int(4096, "padded tokens per micro-batch (fairseq --max-tokens)",
+                              low=1),
+            "eval_max_tokens": Int(4096, low=1),
+            "decode_max_sentences": Int(128, low=1),
+            "download": Bool(False, "multi30k only: fetch missing files (sha256-checked)"),
+        },
+        model={
+            "d_model": Int(512, low=1),
+            "d_ffn": Int(1024, low=1),
+            "n_head": Int(4, low=1),
+            "enc_layers": Int(6, low=1),
+            "dec_layers": Int(6, low=1),
+            "dropout": DropoutRate(0.3),
+            "attention_dropout": DropoutRate(0.1),
+            "activation_dropout": DropoutRate(0.1),
+            "pre_norm": Bool(True),
+            "share_embeddings": Bool(True),
+            "label_smoothing": DropoutRate(0.1, "in [0, 1)"),
+            "max_positions": Int(1024, low=1),
+        },
+        generation={
+            "beam": Int(5, low=1),
+            "lenpen": Float(1.0),
+            "max_len_a": Float(0.0, "max length = a * source length + b", low=0.0),
+            "max_len_b": Int(200, low=1),
+        },
+    )
     valid_metric = "loss"
     valid_mode = "min"
     test_metric = "bleu"
@@ -130,17 +182,18 @@ class MTTask(Task):
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)
         data = cfg["data"]
-        self.max_tokens = int(data.get("max_tokens", 4096))
-        self.eval_max_tokens = int(data.get("eval_max_tokens", self.max_tokens))
-        self.decode_max_sentences = int(data.get("decode_max_sentences", 128))
-        gen = cfg.get("generation") or {}
+        _resolve_options(data)  # the recipe's checks across keys (languages), before any data
+        self.max_tokens = int(data["max_tokens"])
+        self.eval_max_tokens = int(data["eval_max_tokens"])
+        self.decode_max_sentences = int(data["decode_max_sentences"])
+        gen = cfg["generation"]
         self.search = SearchConfig(
-            beam=int(gen.get("beam", 5)),
-            lenpen=float(gen.get("lenpen", 1.0)),
-            max_len_a=float(gen.get("max_len_a", 0.0)),
-            max_len_b=int(gen.get("max_len_b", 200)),
+            beam=int(gen["beam"]),
+            lenpen=float(gen["lenpen"]),
+            max_len_a=float(gen["max_len_a"]),
+            max_len_b=int(gen["max_len_b"]),
         )
-        self.label_smoothing = float(cfg["model"].get("label_smoothing", 0.1))
+        self.label_smoothing = float(cfg["model"]["label_smoothing"])
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(
                 f"model.label_smoothing must be in [0, 1), got {self.label_smoothing}"
@@ -153,7 +206,7 @@ class MTTask(Task):
     def corpus(self) -> PreparedCorpus:
         if self._corpus is None:
             root = data_root(self.data_dir)
-            cache = Path(self.cfg["data"].get("cache_dir") or user_cache_dir() / "mt")
+            cache = Path(self.cfg["data"]["cache_dir"] or user_cache_dir() / "mt")
             key = (repr(sorted(self.cfg["data"].items())), str(root))
             if key not in _CORPORA:
                 _CORPORA[key] = prepare_corpus(self.cfg["data"], root, cache)
@@ -219,12 +272,12 @@ class MTTask(Task):
             len(d), len(d), pad=d.pad, make_norm=self.make_norm,
             d_model=int(m["d_model"]), d_ffn=int(m["d_ffn"]), n_head=int(m["n_head"]),
             enc_layers=int(m["enc_layers"]), dec_layers=int(m["dec_layers"]),
-            dropout=float(m.get("dropout", 0.3)),
-            attention_dropout=float(m.get("attention_dropout", 0.1)),
-            activation_dropout=float(m.get("activation_dropout", 0.1)),
-            pre_norm=bool(m.get("pre_norm", True)),
-            share_embeddings=bool(m.get("share_embeddings", True)),
-            max_positions=int(m.get("max_positions", 1024)),
+            dropout=float(m["dropout"]),
+            attention_dropout=float(m["attention_dropout"]),
+            activation_dropout=float(m["activation_dropout"]),
+            pre_norm=bool(m["pre_norm"]),
+            share_embeddings=bool(m["share_embeddings"]),
+            max_positions=int(m["max_positions"]),
         )
 
     # --- criterion ------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from ..data import (
     require_dataset,
     user_cache_dir,
 )
+from ..schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
 from ..task import Stats, Task, TensorDataset, register_task
 from . import parsing_data as pd
 
@@ -233,6 +234,32 @@ class ParsingTask(Task):
     """Transition-based dependency parsing; valid metric: dev UAS without punctuation."""
 
     datasets = ("ewt", "ptb")
+    # Defaults: the paper preset (configs/parsing/paper.yaml: Chen & Manning's sizes).
+    config_schema = TaskSchema(
+        data={
+            "download": Bool(False, "ewt only: fetch missing files (sha256-checked)"),
+            "pos_field": Str("auto", "auto = xpos for ewt, postag for ptb",
+                             choices=("auto", "upos", "xpos", "cpostag", "postag")),
+            "punct_tags": StrList(list(pd.DEFAULT_PTB_PUNCT_TAGS), "ptb only"),
+            "ptb_dir": Str("", '"" = <data root>/ptb', nullable=True),
+            "ptb_files": StrMap(
+                {"train": "train.conllx", "valid": "dev.conllx", "test": "test.conllx"},
+                keys=("train", "valid", "test"),
+            ),
+            "min_word_count": Int(2, "rarer training words share the UNK embedding", low=1),
+            "lowercase": Bool(True),
+            "cache_dir": Str("", '"" = $XDG_CACHE_HOME/adanorm/parsing-features',
+                             nullable=True),
+        },
+        model={
+            "word_dim": Int(50, low=1),
+            "tag_dim": Int(50, low=1),
+            "label_dim": Int(50, low=1),
+            "hidden_sizes": IntList([200, 200], low=1),
+            "activation": Str("relu", "relu | cube (Chen & Manning's)", choices=("relu", "cube")),
+            "dropout": DropoutRate(0.5),
+        },
+    )
     valid_metric = "uas_excl_punct"
     valid_mode = "max"
     test_metric = "uas_excl_punct"
@@ -248,12 +275,12 @@ class ParsingTask(Task):
         self.punct_rule = rule
         # An instance attribute: results.json then states the rule next to the number.
         self.test_metric_label = f"UAS (%), punctuation excluded ({rule})"
-        self._min_word_count = int(d.get("min_word_count", 2))
-        self._lowercase = bool(d.get("lowercase", True))
+        self._min_word_count = int(d["min_word_count"])
+        self._lowercase = bool(d["lowercase"])
 
     # --- configuration helpers ------------------------------------------------------------------
     def _pos_field(self) -> str:
-        field = str(self.cfg["data"].get("pos_field", "auto"))
+        field = str(self.cfg["data"]["pos_field"])
         if field == "auto":
             return "xpos" if self.dataset_name == "ewt" else "postag"
         allowed = ("upos", "xpos") if self.dataset_name == "ewt" else ("cpostag", "postag")
@@ -265,7 +292,7 @@ class ParsingTask(Task):
         return field
 
     def _punct_tags(self) -> list[str]:
-        tags = self.cfg["data"].get("punct_tags", list(pd.DEFAULT_PTB_PUNCT_TAGS))
+        tags = self.cfg["data"]["punct_tags"]
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ConfigError(f"data.punct_tags must be a list of tag strings, got {tags!r}")
         return tags
@@ -274,11 +301,11 @@ class ParsingTask(Task):
         d = self.cfg["data"]
         if self.dataset_name == "ewt":
             directory = require_dataset(
-                "ewt", self.data_dir, download=bool(d.get("download", False))
+                "ewt", self.data_dir, download=bool(d["download"])
             )
             return {split: directory / name for split, (name, _) in EWT_FILES.items()}
-        directory = Path(d.get("ptb_dir") or data_root(self.data_dir) / "ptb").expanduser()
-        names = d.get("ptb_files") or {}
+        directory = Path(d["ptb_dir"] or data_root(self.data_dir) / "ptb").expanduser()
+        names = d["ptb_files"]
         files = {}
         for split, default in (
             ("train", "train.conllx"),
@@ -313,7 +340,7 @@ class ParsingTask(Task):
         key = pd.cache_key(payload)
         if key in _TREEBANKS:
             return _TREEBANKS[key]
-        cache_dir = self.cfg["data"].get("cache_dir") or _cache_root()
+        cache_dir = self.cfg["data"]["cache_dir"] or _cache_root()
         cache_file = Path(cache_dir).expanduser() / f"{self.dataset_name}-{key}.npz"
         if cache_file.exists():
             loaded = pd.load_treebank(cache_file)
@@ -362,12 +389,12 @@ class ParsingTask(Task):
             1 + vocab.num_labels,
             vocab.num_transitions,
             self.make_norm,
-            word_dim=int(m.get("word_dim", 50)),
-            tag_dim=int(m.get("tag_dim", 50)),
-            label_dim=int(m.get("label_dim", 50)),
-            hidden_sizes=list(m.get("hidden_sizes", [200, 200])),
-            activation=str(m.get("activation", "relu")),
-            dropout=float(m.get("dropout", 0.0)),
+            word_dim=int(m["word_dim"]),
+            tag_dim=int(m["tag_dim"]),
+            label_dim=int(m["label_dim"]),
+            hidden_sizes=list(m["hidden_sizes"]),
+            activation=str(m["activation"]),
+            dropout=float(m["dropout"]),
         )
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:

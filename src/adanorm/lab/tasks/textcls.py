@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..data import DataFile, DatasetInfo, register_dataset, require_dataset
+from ..schema import Bool, DropoutRate, Int, Str, TaskSchema
 from ..task import ClassificationTask, TensorDataset, register_task
 
 __all__ = [
@@ -450,11 +451,35 @@ class TextClassificationTask(ClassificationTask):
     """RT / SST-5 / SST-2 sentence classification; accuracy (%) on the best-validation epoch."""
 
     datasets = ("rt", "sst5", "sst2")
+    # Defaults: the paper preset (configs/textcls/paper.yaml, docs/tasks/textcls.md).
+    config_schema = TaskSchema(
+        data={
+            "protocol": Str("split", "split (RT: seeded 80/10/10; SST: official) | cv10 (RT)",
+                            choices=PROTOCOLS),
+            "split_seed": Int(0, "the RT split / folds", low=0, high=2**32 - 1),
+            "cv_fold": Int(0, "with protocol cv10: the test fold", low=0, high=NUM_FOLDS - 1),
+            "lowercase": Bool(True),
+            "min_freq": Int(1, "vocabulary: training words seen at least this often", low=1),
+            "download": Bool(False, "fetch missing files into the data root (sha256-checked)"),
+        },
+        model={
+            "pre_norm": Bool(True),
+            "pooling": Str("mean", choices=("mean", "cls")),
+            "d_model": Int(256, low=1),
+            "num_heads": Int(4, low=1),
+            "d_ff": Int(1024, low=1),
+            "num_layers": Int(4, low=1),
+            "max_len": Int(128, low=1),
+            "dropout": DropoutRate(0.3),
+            "attention_dropout": DropoutRate(0.1),
+            "activation_dropout": DropoutRate(0.1),
+        },
+    )
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)
         d = cfg["data"]
-        self.protocol = d.get("protocol", "split")
+        self.protocol = d["protocol"]
         if self.protocol not in PROTOCOLS:
             raise ConfigError(
                 f"data.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
@@ -464,17 +489,17 @@ class TextClassificationTask(ClassificationTask):
                 f"data.protocol=cv10 is for rt only; {self.dataset_name} has an official split "
                 f"(use data.protocol=split)"
             )
-        self.split_seed = d.get("split_seed", 0)
+        self.split_seed = d["split_seed"]
         if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
             raise ConfigError(f"data.split_seed must be an int, got {self.split_seed!r}")
-        self.cv_fold = d.get("cv_fold", 0)
+        self.cv_fold = d["cv_fold"]
         self.num_classes = NUM_CLASSES[self.dataset_name]
-        self.add_cls = cfg["model"].get("pooling", "mean") == "cls"
+        self.add_cls = cfg["model"]["pooling"] == "cls"
 
     def _examples(self) -> dict[str, list[Example]]:
         """The raw ``(text, label)`` examples of each split under the configured protocol."""
         directory = require_dataset(
-            self.dataset_name, self.data_dir, download=bool(self.cfg["data"].get("download", False))
+            self.dataset_name, self.data_dir, download=bool(self.cfg["data"]["download"])
         )
         if self.dataset_name == "rt":
             examples = read_rt(directory)
@@ -492,9 +517,9 @@ class TextClassificationTask(ClassificationTask):
 
     def _encoded(self) -> tuple[Vocabulary, dict[str, tuple[Tensor, Tensor]]]:
         d, m = self.cfg["data"], self.cfg["model"]
-        lowercase = bool(d.get("lowercase", True))
-        min_freq = d.get("min_freq", 1)
-        max_len = m.get("max_len", 128)
+        lowercase = bool(d["lowercase"])
+        min_freq = d["min_freq"]
+        max_len = m["max_len"]
         key = (
             str(self.data_dir),
             self.dataset_name,
@@ -546,14 +571,14 @@ class TextClassificationTask(ClassificationTask):
             len(self.vocabulary),
             self.num_classes,
             self.make_norm,
-            d_model=m.get("d_model", 256),
-            num_heads=m.get("num_heads", 4),
-            d_ff=m.get("d_ff", 1024),
-            num_layers=m.get("num_layers", 4),
-            max_len=m.get("max_len", 128),
-            dropout=float(m.get("dropout", 0.1)),
-            attention_dropout=float(m.get("attention_dropout", 0.0)),
-            activation_dropout=float(m.get("activation_dropout", 0.0)),
-            pre_norm=m.get("pre_norm", True),
-            pooling=m.get("pooling", "mean"),
+            d_model=m["d_model"],
+            num_heads=m["num_heads"],
+            d_ff=m["d_ff"],
+            num_layers=m["num_layers"],
+            max_len=m["max_len"],
+            dropout=float(m["dropout"]),
+            attention_dropout=float(m["attention_dropout"]),
+            activation_dropout=float(m["activation_dropout"]),
+            pre_norm=m["pre_norm"],
+            pooling=m["pooling"],
         )
