@@ -195,6 +195,7 @@ def _check_affine(weight: Tensor | None, bias: Tensor | None, shape: tuple[int, 
 NATIVE = "native"  # torch's own F.layer_norm
 CPP = "cpp"  # the fused C++ CPU kernels, adanorm::norm
 TRITON = "triton"  # the Triton CUDA kernels
+CUDA_CPP = "cuda-cpp"  # the fused CUDA C++ kernels, adanorm::norm on CUDA
 FALLBACK = "fallback"  # the pure-PyTorch _NormFunction below
 
 _FAST_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -206,8 +207,9 @@ _WHY_CPP = "the fused C++ kernel"
 _WHY_CPP_MISSING = "the C++ extension is disabled or failed to build (see cpu_extension)"
 _WHY_CPP_UNTRACED = "the C++ extension was not loaded before torch.compile traced this call"
 _WHY_TRITON = "the Triton kernel"
-_WHY_TRITON_MISSING = "the Triton kernels are unavailable (see triton)"
-_WHY_TRITON_WIDTH = "the row is wider than the Triton kernel takes"
+_WHY_CUDA_CPP = "the fused CUDA C++ kernel"
+_WHY_TRITON_MISSING = "no fused CUDA kernel is available (see cuda)"
+_WHY_TRITON_WIDTH = "the row is wider than the fused CUDA kernels take"
 _WHY_DEVICE = "no fused kernel for this device"
 
 
@@ -250,6 +252,8 @@ def select_backend(
     elif device_type == "cuda":
         ready = _kernels.cuda_kernels_ready() if load else _kernels._cuda_state is True
         if ready:
+            if _kernels._cuda_cpp_state:
+                return CUDA_CPP, _WHY_CUDA_CPP
             return TRITON, _WHY_TRITON
         reason = _WHY_TRITON_MISSING
     else:
@@ -299,10 +303,12 @@ def backend_info(*, load: bool = True) -> dict[str, Any]:
 
     * ``cpu_extension``: the C++ kernels' state (``loaded``, ``failed``, ``no-compiler``,
       ``timed-out``, ``disabled``, ``not-tried``), the error of a failed build, the library path;
+    * ``cuda``: the fused CUDA kernels' state: the C++ kernels (``cuda_cpp``: built and
+      loaded, or why not) and the Triton kernels (``triton``);
     * ``triton``: whether CUDA is present and the Triton kernels imported;
     * ``backends``: ``{device: {dtype: {variant: backend}}}`` with variants named as in the
       registry (``":unbiased"`` for the released code's std); backends are ``native``
-      (``F.layer_norm``), ``cpp``, ``triton`` or ``fallback`` (pure PyTorch);
+      (``F.layer_norm``), ``cpp``, ``cuda-cpp``, ``triton`` or ``fallback`` (pure PyTorch);
     * ``reasons``: ``{device: {dtype: {variant: why}}}`` for every entry that is not native;
     * ``used``: the (variant, device, dtype, backend, why) of every distinct eager call so far.
 
@@ -352,15 +358,14 @@ def backend_info(*, load: bool = True) -> dict[str, Any]:
             _used.items()
         )
     ]
-    triton_state = _kernels._cuda_state
+    cuda_status = _kernels.cuda_status()
     return {
         "cpu_extension": _kernels.cpu_status(),
+        "cuda": {**cuda_status, "warning": triton_detail},
         "triton": {
             "cuda_available": cuda,
-            "status": "not-tried" if triton_state is None else (
-                "loaded" if triton_state else "failed"
-            ),
-            "detail": triton_detail,
+            "status": cuda_status["triton"],
+            "detail": cuda_status["triton_detail"] or triton_detail,
         },
         "backends": backends,
         "reasons": reasons,
@@ -659,13 +664,19 @@ def _normalize(
             weight, bias = weight.view(shape), bias.view(shape)
         return F.layer_norm(input, shape, weight, bias, eps)
 
+    if backend in (CUDA_CPP, TRITON):
+        # The CUDA kernels take any leading shape: no reshape, so no view nodes in the graph.
+        out = _kernels.cuda_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
+        if out is not None:
+            if not compiling:
+                kernel = _kernels.cuda_backend(width)
+                _record((device_type, input.dtype, kernel, affine, unbiased, detach_mean,
+                         detach_std, ada), _WHY_CUDA_CPP if kernel == CUDA_CPP else _WHY_TRITON)
+            return out
+        backend, why = FALLBACK, _WHY_TRITON_WIDTH
     x2d = input.reshape(-1, width)
     if backend == CPP:
         out = torch.ops.adanorm.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
-    elif backend == TRITON:
-        out = _kernels.cuda_norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
-        if out is None:
-            backend, why = FALLBACK, _WHY_TRITON_WIDTH
     if backend == FALLBACK:
         out = _NormFunction.apply(
             x2d,
