@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import statistics
@@ -222,8 +223,42 @@ def check_correctness() -> list[dict]:
         ("adanorm", lambda t: AF.ada_norm(t, 512)),
         ("detachnorm", lambda t: AF.detach_norm(t, 512)),
         ("adanorm bf16", lambda t: AF.ada_norm(t.bfloat16(), 512)))}
-    rows.append({"check": "eager path is the Triton autograd.Function", "backward_nodes": nodes,
-                 "ok": all(any("TritonNorm" in n for n in v) for v in nodes.values())})
+    rows.append({"check": "eager path is a fused autograd node", "backend": _cuda_backend_now(),
+                 "backward_nodes": nodes,
+                 "ok": all(any("NormFunction" in n for n in v) for v in nodes.values())})
+    return rows
+
+
+def _cuda_backend_now() -> str | None:
+    return _kernels.cuda_backend(512)
+
+
+class use_triton:
+    """Route the fused CUDA path to the Triton kernels for the duration (comparison only)."""
+
+    def __enter__(self):
+        self.saved = _kernels._cuda_cpp_state
+        _kernels.cuda_kernels_ready()
+        _kernels._triton_ready()
+        _kernels._cuda_cpp_state = False
+        return self
+
+    def __exit__(self, *exc):
+        _kernels._cuda_cpp_state = self.saved
+
+
+def check_triton_correctness() -> list[dict]:
+    """The Triton kernels (the fallback when the C++ kernels cannot be built), briefly."""
+    with use_triton():
+        jobs = [(dtype, 1000, name, std_mode) for dtype in ("fp32", "bf16")
+                for name in VARIANTS for std_mode in ("biased", "unbiased")]
+        rows = [_case(*job) for job in jobs]
+        rows += [_magnitude_case(3e38, "biased"), _near_constant_case(1e-6),
+                 _double_backward_case("adanorm", "unbiased")]
+        x = torch.randn(8, 512, device="cuda", requires_grad=True)
+        nodes = _backward_nodes(AF.ada_norm(x, 512))
+        rows.append({"check": "Triton path active", "backward_nodes": nodes,
+                     "ok": any("TritonNorm" in n for n in nodes)})
     return rows
 
 
@@ -357,6 +392,7 @@ def time_cells(rounds: int) -> list[dict]:
                     "adanorm": (lambda t: AF.ada_norm(t, t.shape[-1]), (x,)),
                     "detachnorm": (lambda t: AF.detach_norm(t, t.shape[-1]), (x,)),
                     "torch.compile naive adanorm": (compiled_naive, (x,)),
+                    "adanorm (triton)": (lambda t: AF.ada_norm(t, t.shape[-1]), (x,)),
                 }
                 names = list(fns)
                 # Rotate the order every round so no variant always runs first.
@@ -373,11 +409,12 @@ def time_cells(rounds: int) -> list[dict]:
                         else:
                             def stmt(fn=fn, inputs=inputs, x=x, g=g):
                                 return torch.autograd.grad(fn(x), inputs, g)
-                        stmt()
-                        times[name] = {
-                            "wall": do_bench(stmt, warmup=5, rep=25, return_mode="median"),
-                            "device": device_ms(stmt, target_ms=10.0),
-                        }
+                        with use_triton() if "triton" in name else contextlib.nullcontext():
+                            stmt()
+                            times[name] = {
+                                "wall": do_bench(stmt, warmup=5, rep=25, return_mode="median"),
+                                "device": device_ms(stmt, target_ms=10.0),
+                            }
                     for name, clocks in times.items():
                         key = (name, dtype_name, mode, rows, width)
                         cell = cells.setdefault(key, {
@@ -410,11 +447,14 @@ def host_enqueue(rounds: int = 7, calls: int = 400) -> list[dict]:
         g = torch.randn_like(x)
         fns = {NATIVE: lambda t: F.layer_norm(t, t.shape[-1:]),
                "adanorm": lambda t: AF.ada_norm(t, t.shape[-1]),
-               "detachnorm": lambda t: AF.detach_norm(t, t.shape[-1])}
+               "detachnorm": lambda t: AF.detach_norm(t, t.shape[-1]),
+               "adanorm (triton)": lambda t: AF.ada_norm(t, t.shape[-1]),
+               "detachnorm (triton)": lambda t: AF.detach_norm(t, t.shape[-1])}
         samples: dict = {(n, m): [] for n in fns for m in ("fwd+bwd", "fwd")}
         for _ in range(rounds):
             for mode in ("fwd+bwd", "fwd"):
                 for name, fn in fns.items():
+                    backend = use_triton() if "triton" in name else contextlib.nullcontext()
                     if mode == "fwd":
                         def stmt(fn=fn, x=x):
                             with torch.no_grad():
@@ -422,14 +462,15 @@ def host_enqueue(rounds: int = 7, calls: int = 400) -> list[dict]:
                     else:
                         def stmt(fn=fn, x=x, g=g):
                             torch.autograd.grad(fn(x), x, g)
-                    for _ in range(20):
-                        stmt()
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        stmt()
-                    elapsed = time.perf_counter() - start
-                    torch.cuda.synchronize()
+                    with backend:
+                        for _ in range(20):
+                            stmt()
+                        torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            stmt()
+                        elapsed = time.perf_counter() - start
+                        torch.cuda.synchronize()
                     samples[(name, mode)].append(elapsed / calls * 1e6)
         for (name, mode), values in samples.items():
             base = samples[(NATIVE, mode)]
@@ -464,6 +505,12 @@ def host_breakdown(calls: int = 400) -> dict:
                                                      1.0, 0.1),
         "torch.empty x2": lambda: (torch.empty_like(xd), torch.empty(0, device="cuda")),
     }
+    if _kernels.cuda_backend(256) == "cuda-cpp":
+        op = torch.ops.adanorm.norm.default
+        pieces["adanorm::norm op fwd (grad on)"] = lambda: op(x, 1e-5, False, False, False, 1.0,
+                                                              0.1)
+        pieces["adanorm::norm op fwd+bwd"] = lambda: torch.autograd.grad(
+            op(x, 1e-5, False, False, False, 1.0, 0.1), x, g)
     out: dict = {"us_per_call": {}}
     for name, fn in pieces.items():
         samples = []
@@ -584,7 +631,11 @@ def main() -> None:
         f"triton kernels ready: {ready}")
     rec.save()
 
-    sections = [("correctness", check_correctness), ("tuning", tune),
+    rec.data["cuda_status"] = _kernels.cuda_status()
+    rec.data["backend_512"] = _kernels.cuda_backend(512)
+    log(f"fused CUDA kernels: {json.dumps(rec.data['cuda_status'])}")
+    sections = [("correctness", check_correctness),
+                ("triton_correctness", check_triton_correctness), ("tuning", tune),
                 ("copy_bandwidth_Bps", copy_bandwidth),
                 ("cells", lambda: time_cells(args.rounds)), ("host_enqueue", host_enqueue),
                 ("host_breakdown", host_breakdown),
@@ -646,7 +697,7 @@ def verdicts(data: dict) -> dict:
                     "fraction": achieved / bandwidth, "met": achieved / bandwidth >= 0.85}
     host = data.get("host_enqueue")
     if isinstance(host, list):
-        for variant in ("adanorm", "detachnorm"):
+        for variant in ("adanorm", "detachnorm", "adanorm (triton)", "detachnorm (triton)"):
             worst = max((h for h in host if h["variant"] == variant and h["mode"] == "fwd+bwd"),
                         key=lambda h: h["median_ratio"])
             out[f"{variant} host enqueue fwd+bwd <= 1.2x native"] = {
@@ -666,6 +717,12 @@ def summarize(data: dict) -> None:
         log(f"\ncorrectness: {len(correctness) - len(bad)}/{len(correctness)} ok")
         for r in bad[:30]:
             log(f"  FAILED {r}")
+    triton_rows = data.get("triton_correctness")
+    if isinstance(triton_rows, list):
+        bad = [r for r in triton_rows if not r["ok"]]
+        log(f"triton correctness: {len(triton_rows) - len(bad)}/{len(triton_rows)} ok")
+        for r in bad[:10]:
+            log(f"  FAILED {r}")
     tuning = data.get("tuning")
     if isinstance(tuning, dict) and "chosen" in tuning:
         log("tuning (block, element size, direction -> warps): " + ", ".join(
@@ -676,7 +733,7 @@ def summarize(data: dict) -> None:
     if isinstance(cells, list):
         log("\npaired median ratio vs native F.layer_norm without affine (wall | device):")
         for c in cells:
-            if c["variant"] == NATIVE:
+            if c["variant"] in (NATIVE, "native F.layer_norm (affine)"):
                 continue
             log(f"  {c['variant']:<29} {c['dtype']} {c['mode']:<7} {str(c['shape']):<14} "
                 f"{c['median_wall_ratio']:.3f} | {c['median_device_ratio']:.3f}  "

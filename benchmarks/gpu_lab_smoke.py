@@ -1,5 +1,6 @@
 """The lab on a GPU: every task's ``smoke`` preset for a few dozen updates on CUDA, under bf16
-autocast and under fp16 autocast (with GradScaler), checking that every logged loss is finite.
+autocast and under fp16 autocast (with GradScaler), with AdaNorm in every norm slot (``--norm``),
+checking that every logged loss is finite.
 
 Each run executes in its own process with ``torch.cuda.set_sync_debug_mode("warn")``, so every
 host synchronization is reported; the script counts them and records where they came from, to show
@@ -35,17 +36,20 @@ _RUNNER = (
 )
 
 
-def run_one(task: str, amp: str, steps: int, data_dir: str, root: Path, device: str) -> dict:
+def run_one(
+    task: str, amp: str, steps: int, data_dir: str, root: Path, device: str, norm: str
+) -> dict:
     run_dir = root / f"{task}-{amp}"
     command = [
         sys.executable, "-c", _RUNNER, "train", task, "--preset", "smoke", "--no-progress",
         "--data-dir", data_dir, "--run-dir", str(run_dir), "--set", f"train.device={device}",
+        f"model.norm={norm}",
         f"train.amp={amp}", f"train.max_steps={steps}", "train.max_epochs=0",
         "train.log_every=10", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
     ]
     start = time.time()
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
-    record = {"task": task, "amp": amp, "returncode": done.returncode,
+    record = {"task": task, "amp": amp, "norm": norm, "returncode": done.returncode,
               "seconds": round(time.time() - start, 1)}
     sync_sites = re.findall(r"^(.*?):(\d+): UserWarning: called a synchronizing", done.stderr,
                             flags=re.MULTILINE)
@@ -78,13 +82,14 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--amps", default=",".join(AMPS))
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
+    parser.add_argument("--norm", default="adanorm", help="model.norm of every run")
     default_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("benchmarks/results")
     parser.add_argument("--json", type=Path, default=default_dir / "gpu_lab_smoke.json")
     args = parser.parse_args()
     jobs = [(task, amp) for task in args.tasks.split(",") for amp in args.amps.split(",")]
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(run_one, task, amp, args.steps, args.data_dir, Path(tmp),
-                               args.device)
+                               args.device, args.norm)
                    for task, amp in jobs]
         records = [f.result() for f in futures]
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -76,7 +76,10 @@ _cuda_cpp_failure: str | None = None
 _cuda_library: str | None = None
 _CUDA_BACKEND_ENV = "ADANORM_CUDA_BACKEND"
 CUDA_SOURCE_PATH = Path(__file__).with_name("norm_cuda.cu")
-CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 1024 threads x 16 elements in registers
+CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 512 threads x 32 elements in registers
+# Beyond this width the C++ kernels spill registers (nvcc -Xptxas -v) while the Triton kernels
+# do not (benchmarks/results/gpu_tuning.json): rows up to CUDA_MAX_WIDTH prefer Triton there.
+_CUDA_CPP_PREFERRED_WIDTH = 8192
 
 
 def extension_disabled() -> bool:
@@ -357,13 +360,19 @@ def _cuda_library_name() -> str:
     return f"adanorm_cuda_{hashlib.sha256(tag).hexdigest()[:12]}_sm{major}{minor}"
 
 
-def _load_cuda_library() -> None:
-    global _cuda_library
+def build_cuda_library() -> Path:
+    """Compile ``norm_cuda.cu`` for this machine's GPU (once; cached like the CPU library) and
+    return the library's path without loading it."""
     major, minor = torch.cuda.get_device_capability()
-    library = _build_library(
+    return _build_library(
         _cuda_library_name(), [CUDA_SOURCE_PATH],
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
     )
+
+
+def _load_cuda_library() -> None:
+    global _cuda_library
+    library = build_cuda_library()
     torch.ops.load_library(str(library))
     probe = torch.ones(2, 8, device="cuda")
     if torch.ops.adanorm.norm(probe, 1e-5, False, False, False, None, 0.1).abs().max() > 1e-3:
@@ -460,11 +469,11 @@ def cuda_status() -> dict[str, Any]:
 
 def cuda_backend(width: int) -> str | None:
     """Which fused CUDA kernel takes rows of ``width``: ``"cuda-cpp"``, ``"triton"`` or None."""
-    if _cuda_cpp_state and width <= CUDA_MAX_WIDTH:
+    triton = _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values())
+    if _cuda_cpp_state and (width <= _CUDA_CPP_PREFERRED_WIDTH or
+                            (width <= CUDA_MAX_WIDTH and not triton)):
         return "cuda-cpp"
-    if _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values()):
-        return "triton"
-    return None
+    return "triton" if triton else None
 
 
 def cuda_norm(
@@ -480,9 +489,10 @@ def cuda_norm(
     shape), or None where none applies (rows too wide).  Call only after
     :func:`cuda_kernels_ready` returned True."""
     width = x.shape[-1]
-    if _cuda_cpp_state and width <= CUDA_MAX_WIDTH:
+    kernel = cuda_backend(width)
+    if kernel == "cuda-cpp":
         return _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k)
-    if _triton_module is None or not _triton_module.supports(x.reshape(-1, width)):
+    if kernel is None or not _triton_module.supports(x.reshape(-1, width)):
         return None
     return _triton_module.norm(
         x.reshape(-1, width), eps, unbiased, detach_mean, detach_std, scale, k

@@ -26,8 +26,10 @@
 namespace adanorm_cuda {
 namespace {
 
-constexpr int kMaxThreads = 1024;
-constexpr int kMaxPerThread = 16;  // rows up to 16384 elements (the Triton kernels' limit too)
+// 512 threads per block leave each thread up to 128 registers (__launch_bounds__ below), enough for
+// 32 row elements in the forward and, with g read twice in the widest case, in the backward.
+constexpr int kMaxThreads = 512;
+constexpr int kMaxPerThread = 32;  // rows up to 16384 elements (the Triton kernels' limit too)
 constexpr float kRescaleAbove = 1.0e15f;
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -193,23 +195,41 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const scalar_t* _
     return;
   }
   const scalar_t* xr = x + row * n;
+  // Up to 16 elements per thread keep g in registers; the widest rows read it a second time (an
+  // L2 hit: one row is at most 64 KiB) rather than spill.
+  constexpr bool kReloadG = K > 16;
+  constexpr int KG = kReloadG ? 1 : K;
   float v[K];
-  float gp[K];
+  float gp[KG];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t j = static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
     v[k] = j < n ? static_cast<float>(xr[j]) : 0.f;
-    gp[k] = j < n ? static_cast<float>(gr[j]) : 0.f;
+  }
+  if constexpr (!kReloadG) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
+      gp[k] = j < n ? static_cast<float>(gr[j]) : 0.f;
+    }
   }
   const RowStats stats = row_stats<K>(v, n, eps, unbiased, shared);
   float sum_g = 0.f;
   float sum_gy = 0.f;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    v[k] *= stats.rstd_scaled;                 // y
-    if (ada) gp[k] *= c - ck * v[k];           // phi(y) = C (1 - k y), a constant in backward
-    sum_g += gp[k];
-    sum_gy += gp[k] * v[k];
+    v[k] *= stats.rstd_scaled;  // y
+    float gk;
+    if constexpr (kReloadG) {
+      const int64_t j = static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
+      gk = j < n ? static_cast<float>(gr[j]) : 0.f;
+    } else {
+      gk = gp[k];
+    }
+    if (ada) gk *= c - ck * v[k];  // phi(y) = C (1 - k y), a constant in backward
+    if constexpr (!kReloadG) gp[k] = gk;
+    sum_g += gk;
+    sum_gy += gk * v[k];
   }
   const float2 sums = block_sum2(sum_g, sum_gy, shared);
   const float count = static_cast<float>(n);
@@ -218,11 +238,21 @@ __global__ void __launch_bounds__(kMaxThreads) backward_kernel(const scalar_t* _
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int64_t j = static_cast<int64_t>(k) * blockDim.x + threadIdx.x;
-    if (j < n) dxr[j] = static_cast<scalar_t>((gp[k] - mean_g - v[k] * proj) * stats.rstd);
+    if (j < n) {
+      float gk;
+      if constexpr (kReloadG) {
+        gk = static_cast<float>(gr[j]);
+        if (ada) gk *= c - ck * v[k];
+      } else {
+        gk = gp[k];
+      }
+      dxr[j] = static_cast<scalar_t>((gk - mean_g - v[k] * proj) * stats.rstd);
+    }
   }
 }
 
-// Threads per row and elements per thread: about 4 elements per thread, up to 1024 threads.
+// Threads per row and elements per thread: about 4 elements per thread, up to 512 threads, then
+// more elements per thread.
 struct Launch {
   int threads;
   int per_thread;
@@ -244,7 +274,8 @@ Launch launch_for(int64_t n) {
     case 2: { constexpr int K = 2; KERNEL_CALL; break; }   \
     case 4: { constexpr int K = 4; KERNEL_CALL; break; }   \
     case 8: { constexpr int K = 8; KERNEL_CALL; break; }   \
-    default: { constexpr int K = 16; KERNEL_CALL; break; } \
+    case 16: { constexpr int K = 16; KERNEL_CALL; break; } \
+    default: { constexpr int K = 32; KERNEL_CALL; break; } \
   }
 
 // float32, float16 and bfloat16 only: float64 inputs take the pure-PyTorch reference path.
