@@ -63,9 +63,30 @@ _cuda_state: bool | None = None
 _triton_module = None  # adanorm._kernels.triton_norm once imported (CUDA machines only)
 
 
+# Read on every norm call (tests toggle it within one process), and os.environ.get costs about a
+# microsecond: look the key up in os.environ's own mapping where CPython exposes it.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+try:
+    _DISABLE_KEY = os.environ.encodekey(_DISABLE_ENV)  # type: ignore[attr-defined]
+except AttributeError:
+    _ENVIRON_DATA = None
+_disable_values: dict[Any, bool] = {}
+
+
 def extension_disabled() -> bool:
     """True when ``ADANORM_DISABLE_EXTENSION`` asks for the pure-PyTorch path."""
-    return os.environ.get(_DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if _ENVIRON_DATA is not None:
+        raw = _ENVIRON_DATA.get(_DISABLE_KEY)
+    else:
+        raw = os.environ.get(_DISABLE_ENV)
+    if raw is None:
+        return False
+    disabled = _disable_values.get(raw)
+    if disabled is None:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        disabled = text.strip().lower() not in ("", "0", "false", "no")
+        _disable_values[raw] = disabled
+    return disabled
 
 
 def _vector_capability() -> str:
