@@ -57,6 +57,7 @@ _cpu_state: bool | None = None
 # Why the CPU kernels are not in use ("no-compiler", "failed", "timed-out") and the error text.
 _cpu_failure: tuple[str, str] | None = None
 _cpu_library: str | None = None
+_python_kernels_registered = False
 _BUILD_TIMEOUT_ENV = "ADANORM_BUILD_TIMEOUT"
 _DEFAULT_BUILD_TIMEOUT_S = 900.0
 _cuda_state: bool | None = None
@@ -260,8 +261,11 @@ def _load_cpu_library() -> None:
         torch.ops.load_library(str(library))
     if not hasattr(torch.ops.adanorm, "norm_forward"):
         raise RuntimeError("the compiled library did not register adanorm::norm_forward")
-    _register_fake_kernels()
-    _register_double_backward()
+    global _python_kernels_registered
+    if not _python_kernels_registered:  # once per process, even if a test reloads
+        _register_fake_kernels()
+        _register_double_backward()
+        _python_kernels_registered = True
     _cpu_library = str(library)
 
 
