@@ -581,3 +581,19 @@ def test_run_json_environment_records_the_backends(fast_kernels):
     assert backends["cpu_extension"]["status"] == "loaded"
     assert backends["backends"]["cpu"]["float32"]["adanorm"] == "cpp"
     json.dumps(info)
+
+
+@pytest.mark.parametrize("std_mode", ["biased", "unbiased"])
+@pytest.mark.parametrize("variant", list(KERNEL_VARIANTS))
+def test_bfloat16_rows_near_the_float32_limit(fast_kernels, variant, std_mode, monkeypatch):
+    # bfloat16 has float32's range: its rows overflow float32 squares just the same.
+    kwargs = KERNEL_VARIANTS[variant]
+    gen = torch.Generator().manual_seed(5)
+    x = ((torch.rand(8, 48, generator=gen) * 2 - 1) * 3e38).to(torch.bfloat16)
+    grad = torch.randn(8, 48, generator=gen).to(torch.bfloat16)
+    out, dx = _run(x, grad, kwargs, std_mode, False, monkeypatch)
+    ref_out, ref_dx = _reference(x, grad, kwargs, std_mode)
+    assert torch.isfinite(out).all() and torch.isfinite(dx.float()).all()
+    assert _max_error(out, ref_out) <= TOLERANCE[torch.bfloat16]
+    scale = ref_dx.abs().max().item()
+    assert ((dx.double() - ref_dx).abs().max() / scale).item() <= TOLERANCE[torch.bfloat16]

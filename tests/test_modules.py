@@ -189,3 +189,43 @@ def test_cpu_autocast_bf16(norm):
     ref = model(x)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("norm,kwargs", [("adanorm", {"scale": 2.0}),
+                                         ("layernorm", {"std_mode": "unbiased"}),
+                                         ("detach-std", {"std_mode": "unbiased"})])
+def test_torch_compile_fullgraph_on_the_fallback_path(norm, kwargs, dtype, monkeypatch):
+    # The pure-PyTorch path (float64, affine unbiased, or the extension disabled) traced without
+    # a graph break: it takes the rescaled statistics there (no data-dependent branch), so huge
+    # rows stay right in compiled code too.
+    monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    torch._dynamo.reset()
+    m = adanorm.make_norm(norm, 32, **kwargs).to(dtype)
+    x = (torch.randn(4, 32, dtype=dtype) * torch.tensor([[1.0], [1e3], [1e20], [3e37]],
+                                                         dtype=dtype)).requires_grad_()
+    eager = m(x)
+    (eager_dx,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    (dx,) = torch.autograd.grad(out.square().sum(), x)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, eager)
+    scale = eager_dx.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(dx / scale, eager_dx / scale)
+
+
+@pytest.mark.parametrize("cls", ALL_CLASSES)
+def test_docstrings_in_pytorch_form(cls):
+    doc = cls.__doc__ or ""
+    for section in ("Args:", "Shape:", "Examples::", ":math:"):
+        assert section in doc, f"{cls.__name__} docstring lacks {section}"
+    # The examples run.
+    import doctest
+
+    examples = doctest.DocTestParser().get_examples(doc)
+    assert examples
+    globs = {"torch": torch, "adanorm": adanorm}
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(doctest.DocTest(examples, globs, cls.__name__, None, 0, doc))
+    assert runner.failures == 0, f"{cls.__name__} docstring examples failed"

@@ -173,7 +173,8 @@ def check_input(x: Tensor, shape: tuple[int, ...]) -> None:
             f"adanorm normalizes floating-point tensors, got a tensor of dtype {x.dtype}"
         )
     n = len(shape)
-    if x.dim() < n or tuple(x.shape[x.dim() - n :]) != shape:
+    size = x.shape
+    if len(size) < n or (size[-1] != shape[0] if n == 1 else size[len(size) - n :] != shape):
         raise ValueError(
             f"expected input with trailing shape {list(shape)} (normalized_shape), "
             f"got input of shape {list(x.shape)}"
@@ -182,7 +183,7 @@ def check_input(x: Tensor, shape: tuple[int, ...]) -> None:
 
 def _check_affine(weight: Tensor | None, bias: Tensor | None, shape: tuple[int, ...]) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(
                 f"{name} must have shape {list(shape)} (normalized_shape), got {list(t.shape)}"
             )
@@ -641,14 +642,12 @@ def _normalize(
     )
     check_input(input, shape)
     affine = weight is not None or bias is not None
-    if affine:
-        if ada:
-            raise ValueError("AdaNorm (scale is not None) takes no weight or bias")
-        _check_affine(weight, bias, shape)
+    if affine and ada:
+        raise ValueError("AdaNorm (scale is not None) takes no weight or bias")
     detach_mean, detach_std = bool(detach_mean), bool(detach_std)
     plain = not (unbiased or detach_mean or detach_std or ada)
     compiling = torch.compiler.is_compiling()
-    device_type = input.device.type
+    device_type = "cpu" if input.is_cpu else input.device.type
     backend, why = select_backend(
         device_type, input.dtype, affine=affine, plain=plain, prefer_fused=prefer_fused,
         compiling=compiling,
@@ -674,10 +673,13 @@ def _normalize(
                          detach_std, ada), _WHY_CUDA_CPP if kernel == CUDA_CPP else _WHY_TRITON)
             return out
         backend, why = FALLBACK, _WHY_TRITON_WIDTH
-    x2d = input.reshape(-1, width)
+    two_d = input.dim() == 2  # (reshape and view cost microseconds of Python each)
+    x2d = input if two_d else input.reshape(-1, width)
     if backend == CPP:
         out = torch.ops.adanorm.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
     if backend == FALLBACK:
+        if affine:  # (F.layer_norm checks them itself on the native path)
+            _check_affine(weight, bias, shape)
         out = _NormFunction.apply(
             x2d,
             None if weight is None else weight.reshape(width),
@@ -694,7 +696,7 @@ def _normalize(
             (device_type, input.dtype, backend, affine, unbiased, detach_mean, detach_std, ada),
             why,
         )
-    return out.view(input.shape)
+    return out if two_d else out.view_as(input)
 
 
 def normalize(

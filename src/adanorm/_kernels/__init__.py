@@ -66,6 +66,7 @@ _cpu_state: bool | None = None
 # Why the CPU kernels are not in use ("no-compiler", "failed", "timed-out") and the error text.
 _cpu_failure: tuple[str, str] | None = None
 _cpu_library: str | None = None
+_python_kernels_registered = False
 _BUILD_TIMEOUT_ENV = "ADANORM_BUILD_TIMEOUT"
 _DEFAULT_BUILD_TIMEOUT_S = 900.0
 _cuda_state: bool | None = None  # any fused CUDA kernel loaded
@@ -82,9 +83,30 @@ CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 512 threads x 32 elements in registers
 _CUDA_CPP_PREFERRED_WIDTH = 8192
 
 
+# Read on every norm call (tests toggle it within one process), and os.environ.get costs about a
+# microsecond: look the key up in os.environ's own mapping where CPython exposes it.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+try:
+    _DISABLE_KEY = os.environ.encodekey(_DISABLE_ENV)  # type: ignore[attr-defined]
+except AttributeError:
+    _ENVIRON_DATA = None
+_disable_values: dict[Any, bool] = {}
+
+
 def extension_disabled() -> bool:
     """True when ``ADANORM_DISABLE_EXTENSION`` asks for the pure-PyTorch path."""
-    return os.environ.get(_DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if _ENVIRON_DATA is not None:
+        raw = _ENVIRON_DATA.get(_DISABLE_KEY)
+    else:
+        raw = os.environ.get(_DISABLE_ENV)
+    if raw is None:
+        return False
+    disabled = _disable_values.get(raw)
+    if disabled is None:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        disabled = text.strip().lower() not in ("", "0", "false", "no")
+        _disable_values[raw] = disabled
+    return disabled
 
 
 def _vector_capability() -> str:
@@ -267,8 +289,11 @@ def _load_cpu_library() -> None:
         torch.ops.load_library(str(library))
     if not hasattr(torch.ops.adanorm, "norm_forward"):
         raise RuntimeError("the compiled library did not register adanorm::norm_forward")
-    _register_fake_kernels()
-    _register_double_backward()
+    global _python_kernels_registered
+    if not _python_kernels_registered:  # once per process, even if a test reloads
+        _register_fake_kernels()
+        _register_double_backward()
+        _python_kernels_registered = True
     _cpu_library = str(library)
 
 
