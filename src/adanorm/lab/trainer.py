@@ -50,7 +50,7 @@ from .config import ConfigError, dump_yaml
 from .distributed import DistInfo, all_reduce_sums, barrier, init_distributed
 from .runinfo import environment, git_state, norm_label
 from .schedules import lr_multiplier
-from .task import Stats, Task, get_task
+from .task import Stats, Task, add_stats, get_task, stats_to_floats
 
 __all__ = ["Trainer", "RunDirError", "GlobalBatchSampler", "seed_everything", "resolve_device"]
 
@@ -158,8 +158,10 @@ class TrainState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
-    log_sums: dict[str, float] = field(default_factory=dict)  # train stats since the last log line
-    totals: dict[str, float] = field(default_factory=dict)  # train stats summed over the run
+    # Train stats since the last log line, and summed over the run.  Between logs the values may
+    # be float64 tensors on the device (see Task.loss); checkpoints and results hold floats.
+    log_sums: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
     last_valid: dict[str, float] = field(default_factory=dict)
 
 
@@ -221,6 +223,8 @@ class Trainer:
 
         self.task: Task = get_task(cfg["task"])(cfg, data_dir)
         self.state = TrainState()
+        self._first_nonfinite_step: torch.Tensor | None = None
+        self._first_nonfinite_loss: torch.Tensor | None = None
 
     # --- setup ----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -329,6 +333,9 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save_last(self) -> None:
+        self._raise_if_nonfinite()
+        self.state.log_sums = stats_to_floats(self.state.log_sums)
+        self.state.totals = stats_to_floats(self.state.totals)
         if self.dist.is_main:
             state = {
                 "format": "adanorm-lab-checkpoint/1",
@@ -412,7 +419,7 @@ class Trainer:
             return self.task.evaluate(
                 self.module,
                 self._eval_batches(dataset),
-                lambda stats: all_reduce_sums(stats, self.device),
+                lambda stats: all_reduce_sums(stats_to_floats(stats), self.device),
                 self._autocast,
             )
         finally:
@@ -426,11 +433,7 @@ class Trainer:
         with context:
             with self._autocast():
                 loss, stats = self.task.loss(self.model, batch)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(
-                    f"non-finite training loss {float(loss)} at step {self.state.step}; "
-                    f"try a lower optim.lr, optim.clip_norm > 0 or train.amp=none"
-                )
+            self._note_nonfinite(loss.detach())
             loss = loss * scale
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -450,9 +453,8 @@ class Trainer:
                 stats = self._micro_step(
                     _move(batch, self.device), sync=i == accum - 1, scale=1 / accum
                 )
-                for key, value in stats.items():
-                    self.state.log_sums[key] = self.state.log_sums.get(key, 0.0) + float(value)
-                    self.state.totals[key] = self.state.totals.get(key, 0.0) + float(value)
+                add_stats(self.state.log_sums, stats)
+                add_stats(self.state.totals, stats)
         clip = self.cfg["optim"]["clip_norm"]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -470,7 +472,36 @@ class Trainer:
         if self.grad_recorder is not None:
             grad_stats = self.grad_recorder.pop()
             if grad_stats:  # this process's shard only, under DDP
+                self._raise_if_nonfinite()
                 self._log({"split": "gradstats", "step": self.state.step, **grad_stats})
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first update whose loss was not finite.
+
+        Checking ``isfinite`` on the host would wait for the device every micro-step; the flag is
+        read by :meth:`_raise_if_nonfinite` only where the trainer synchronizes anyway (logs,
+        evaluations, checkpoints), so no log line, best model or checkpoint comes from a run
+        past a non-finite loss.
+        """
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._first_nonfinite_loss = torch.zeros((), dtype=torch.float64, device=loss.device)
+        first = (self._first_nonfinite_step < 0) & ~torch.isfinite(loss)
+        self._first_nonfinite_step = torch.where(first, self.state.step, self._first_nonfinite_step)
+        self._first_nonfinite_loss = torch.where(
+            first, loss.to(torch.float64), self._first_nonfinite_loss
+        )
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._first_nonfinite_step is None:
+            return
+        step = int(self._first_nonfinite_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss {float(self._first_nonfinite_loss)} at step {step} "
+                f"(noticed at step {self.state.step}); try a lower optim.lr, "
+                f"optim.clip_norm > 0 or train.amp=none"
+            )
 
     def _improved(self, value: float) -> bool:
         best = self.state.best_metric
@@ -509,6 +540,7 @@ class Trainer:
         return averaged
 
     def _run_eval(self) -> None:
+        self._raise_if_nonfinite()
         self._snapshot_for_average()
         metrics = self.evaluate("valid")
         self.state.last_valid = metrics
@@ -534,7 +566,8 @@ class Trainer:
             self.state.stopped_early = True
 
     def _flush_train_log(self) -> None:
-        sums = all_reduce_sums(self.state.log_sums, self.device)
+        self._raise_if_nonfinite()
+        sums = all_reduce_sums(stats_to_floats(self.state.log_sums), self.device)
         self.state.log_sums = {}
         if sums:
             metrics = self.task.metrics(sums)
@@ -673,6 +706,8 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        self._raise_if_nonfinite()
+        self.state.totals = stats_to_floats(self.state.totals)
         average = int(cfg["train"]["average_checkpoints"])
         self._averaged_steps: list[int] = []
         if average > 0 and self._snapshots():

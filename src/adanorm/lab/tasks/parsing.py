@@ -39,7 +39,7 @@ from ..data import (
     require_dataset,
     user_cache_dir,
 )
-from ..task import Stats, Task, TensorDataset, register_task
+from ..task import Stats, Task, TensorDataset, add_stats, register_task, stats_to_floats
 from . import parsing_data as pd
 
 __all__ = ["ParsingTask", "MLPParser", "greedy_parse", "attachment_counts", "EWT_FILES"]
@@ -376,8 +376,8 @@ class ParsingTask(Task):
         loss = nn.functional.cross_entropy(scores, transitions)
         n = transitions.shape[0]
         return loss, {
-            "loss_sum": float(loss.detach()) * n,
-            "correct": float((scores.detach().argmax(1) == transitions).sum()),
+            "loss_sum": loss.detach().double() * n,
+            "correct": (scores.detach().argmax(1) == transitions).sum().double(),
             "n": float(n),
         }
 
@@ -401,13 +401,11 @@ class ParsingTask(Task):
                     gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
                     with autocast():
                         _, stats = self.loss(model, (features.to(device), gold.to(device)))
-                    for k, v in stats.items():
-                        total[k] += v
+                    add_stats(total, stats)
                 with autocast():
                     predicted = greedy_parse(model, sentences, vocab.num_labels)
-                for k, v in attachment_counts(sentences, predicted).items():
-                    total[k] = total.get(k, 0.0) + v
-        return self.metrics(reduce(total))
+                add_stats(total, attachment_counts(sentences, predicted))
+        return self.metrics(reduce(stats_to_floats(total)))
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)
