@@ -175,6 +175,34 @@ def _move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+@contextlib.contextmanager
+def _process_settings(tcfg: Mapping[str, Any], device: torch.device) -> Iterator[None]:
+    """Apply the run's process-wide torch settings; restore the previous ones on exit."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    rng = ckpt.capture_rng()
+    try:
+        torch.set_num_threads(int(tcfg["threads"]) or 1)
+        if tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        ckpt.restore_rng(rng)
+
+
 def _json_line(record: Mapping[str, Any]) -> str:
     return json.dumps(record, sort_keys=False, allow_nan=True) + "\n"
 
@@ -204,13 +232,7 @@ class Trainer:
         self.show_progress = tcfg["progress"] if progress is None else progress
         self.argv = argv if argv is not None else list(sys.argv)
 
-        torch.set_num_threads(int(tcfg["threads"]) or 1)
         self.device = resolve_device(tcfg["device"])
-        if tcfg["deterministic"]:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if self.device.type == "cuda":
-                torch.backends.cudnn.benchmark = False
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -583,12 +605,18 @@ class Trainer:
             self._train_postfix = metrics
 
     def fit(self) -> dict[str, Any]:
-        """Train (or resume), then evaluate the best checkpoint; return the final results."""
-        self._lock_run_dir()
-        try:
-            return self._fit(self._prepare_run_dir())
-        finally:
-            self._unlock_run_dir()
+        """Train (or resume), then evaluate the best checkpoint; return the final results.
+
+        Torch's thread count, deterministic mode and RNG states are process-wide: they are set
+        for the run and restored when it ends, also on error, so that callers running several
+        trainers in one process (``demo``, ``analyze``, notebooks) do not inherit them.
+        """
+        with _process_settings(self.cfg["train"], self.device):
+            self._lock_run_dir()
+            try:
+                return self._fit(self._prepare_run_dir())
+            finally:
+                self._unlock_run_dir()
 
     def _fit(self, resume_from_checkpoint: bool) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg["train"]
