@@ -22,7 +22,8 @@ Run directory layout (written by the main process only)::
 Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)``; a checkpoint
 records the position inside the epoch, every RNG state and the byte length of ``metrics.jsonl``.
 Resuming truncates ``metrics.jsonl`` to that length and replays the remaining steps, so a run that
-was killed and resumed writes exactly the lines an uninterrupted run writes.
+was killed and resumed writes exactly the lines an uninterrupted run writes.  A ``metrics.jsonl``
+shorter than recorded (lost lines) is refused; a resumed run without a checkpoint starts over.
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ from .runinfo import environment, git_state, norm_label
 from .schedules import lr_multiplier
 from .task import Stats, Task, add_stats, get_task, stats_to_floats
 
-__all__ = ["Trainer", "RunDirError", "GlobalBatchSampler", "seed_everything", "resolve_device"]
+__all__ = [
+    "Trainer",
+    "RunDirError",
+    "TrainingOutOfMemoryError",
+    "GlobalBatchSampler",
+    "seed_everything",
+    "resolve_device",
+]
 
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
@@ -63,6 +71,18 @@ METRICS = "metrics.jsonl"
 
 class RunDirError(RuntimeError):
     """The run directory is in a state that the requested action would damage."""
+
+
+class TrainingOutOfMemoryError(MemoryError):
+    """The device ran out of memory in a training step or an evaluation; the message says which
+    config value to lower."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; torch's CPU allocator a plain RuntimeError.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -247,6 +267,7 @@ class Trainer:
         self.state = TrainState()
         self._first_nonfinite_step: torch.Tensor | None = None
         self._first_nonfinite_loss: torch.Tensor | None = None
+        self._resume_state: dict[str, Any] | None = None
 
     # --- setup ----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -314,13 +335,57 @@ class Trainer:
         if (self.run_dir / RESULTS).exists():
             raise RunDirError(f"{self.run_dir} already holds a finished run ({RESULTS} exists)")
         if self.resume:
-            return last.exists()
+            if last.exists():
+                self._resume_state = self._checked_last_checkpoint()
+                return True
+            self._drop_lines_without_checkpoint()
+            return False
         if last.exists() or (self.run_dir / METRICS).exists():
             raise RunDirError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
                 f"another --run-dir"
             )
         return False
+
+    def _checked_last_checkpoint(self) -> dict[str, Any]:
+        """The last checkpoint, refused unless ``metrics.jsonl`` still holds every line it saw.
+
+        Those lines come from training that the checkpoint cannot replay: a shorter file (lost
+        lines) or one whose recorded length does not end a line (a replaced file) cannot be
+        resumed exactly, and extending it would write NUL bytes that break every reader.
+        """
+        state = ckpt.load_checkpoint(
+            self.run_dir / LAST,
+            required=("model", "optimizer", "scheduler", "trainer", "rng", "metrics_bytes"),
+        )
+        recorded = int(state["metrics_bytes"])
+        path = self.run_dir / METRICS
+        size = path.stat().st_size if path.exists() else 0
+        ends_a_line = recorded == 0
+        if 0 < recorded <= size:
+            with open(path, "rb") as fh:
+                fh.seek(recorded - 1)
+                ends_a_line = fh.read(1) == b"\n"
+        if size < recorded or not ends_a_line:
+            raise RunDirError(
+                f"{path} has {size} bytes but {LAST} (step {state['trainer']['step']}) recorded "
+                f"{recorded} bytes ending a line: lines written before that checkpoint were lost "
+                f"or the file was replaced, so the run cannot be resumed exactly; restore "
+                f"{METRICS}, or delete {self.run_dir} and train again"
+            )
+        return state
+
+    def _drop_lines_without_checkpoint(self) -> None:
+        """A resumed run without a checkpoint starts over at step 0, replaying every line."""
+        path = self.run_dir / METRICS
+        if self.dist.is_main and path.exists() and path.stat().st_size:
+            print(
+                f"{self.run_dir}: no {LAST} yet, so the run starts over; dropping the "
+                f"{METRICS} lines of the attempt that stopped before its first checkpoint",
+                file=sys.stderr,
+            )
+            with open(path, "r+b") as fh:
+                fh.truncate(0)
 
     def _write_provenance(self) -> None:
         if not self.dist.is_main:
@@ -389,7 +454,7 @@ class Trainer:
             )
 
     def _load_last(self) -> None:
-        state = ckpt.load_checkpoint(self.run_dir / LAST)
+        state, self._resume_state = self._resume_state, None
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -399,7 +464,9 @@ class Trainer:
         if self.dist.rank == 0:
             ckpt.restore_rng(state["rng"])
         else:
-            ckpt.restore_rng(ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt"))
+            ckpt.restore_rng(
+                ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt", ["python"])
+            )
         # Lines written after this checkpoint are replayed by the resumed run: drop them.
         if self.dist.is_main:
             path = self.run_dir / METRICS
@@ -433,6 +500,23 @@ class Trainer:
         for batch in self._loader(dataset, sampler):
             yield _move(batch, self.device)
 
+    def _out_of_memory(self, during: str, exc: BaseException) -> TrainingOutOfMemoryError:
+        data, accum = self.cfg["data"], self.cfg["optim"]["accum_steps"]
+        if during == "training":
+            key = "max_tokens" if "max_tokens" in data else "batch_size"
+            advice = (
+                f"lower data.{key} (now {data[key]}) and raise optim.accum_steps (now {accum}) "
+                f"by the same factor to keep the update"
+            )
+        else:
+            key = "eval_max_tokens" if "eval_max_tokens" in data else "eval_batch_size"
+            advice = f"lower data.{key} (now {data[key]})"
+        what = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return TrainingOutOfMemoryError(
+            f"out of memory on {self.device} during {during} at step {self.state.step} ({what}); "
+            f"{advice}, or train.amp=bf16, or a smaller model"
+        )
+
     def evaluate(self, split: str) -> dict[str, float]:
         dataset = self.valid_set if split == "valid" else self.test_set
         was_training = self.module.training
@@ -444,6 +528,10 @@ class Trainer:
                 lambda stats: all_reduce_sums(stats_to_floats(stats), self.device),
                 self._autocast,
             )
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise self._out_of_memory(f"{split} evaluation", exc) from exc
+            raise
         finally:
             self.module.train(was_training)
 
@@ -464,6 +552,14 @@ class Trainer:
         return stats
 
     def _optimizer_step(self, micro_batches: list[Any]) -> None:
+        try:
+            self._update(micro_batches)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise self._out_of_memory("training", exc) from exc
+            raise
+
+    def _update(self, micro_batches: list[Any]) -> None:
         accum = len(micro_batches)
         recording = (
             self.grad_recorder.step(self.state.step)
@@ -550,7 +646,7 @@ class Trainer:
     def _averaged_model(self) -> dict[str, torch.Tensor]:
         """The element-wise mean of the kept snapshots (floating tensors; others from the last)."""
         paths = self._snapshots()
-        states = [ckpt.load_checkpoint(path)["model"] for path in paths]
+        states = [ckpt.load_checkpoint(path, ["model", "step"])["model"] for path in paths]
         averaged = {}
         for key, value in states[-1].items():
             if torch.is_floating_point(value):
@@ -742,7 +838,7 @@ class Trainer:
             final = {"model": self._averaged_model()}
         else:
             final = (
-                ckpt.load_checkpoint(self.run_dir / BEST)
+                ckpt.load_checkpoint(self.run_dir / BEST, ["model"])
                 if (self.run_dir / BEST).exists()
                 else None
             )

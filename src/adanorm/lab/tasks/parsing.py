@@ -315,9 +315,13 @@ class ParsingTask(Task):
             return _TREEBANKS[key]
         cache_dir = self.cfg["data"].get("cache_dir") or _cache_root()
         cache_file = Path(cache_dir).expanduser() / f"{self.dataset_name}-{key}.npz"
+        loaded = None
         if cache_file.exists():
-            loaded = pd.load_treebank(cache_file)
-        else:
+            try:
+                loaded = pd.load_treebank(cache_file)
+            except pd.CacheError as exc:
+                print(f"parsing: rebuilding the unreadable feature cache ({exc})", file=sys.stderr)
+        if loaded is None:
             if self.dataset_name == "ewt":
                 raw = {s: pd.read_conllu(p, pos_field) for s, p in files.items()}
             else:
