@@ -32,10 +32,31 @@ class CheckpointError(RuntimeError):
     """A checkpoint is empty, truncated, not an adanorm checkpoint, or lacks an entry."""
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask), e.g. 0o644."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _mkstemp_for(path: Path) -> tuple[int, str]:
+    # mkstemp creates files readable by their owner only (0600): reports and run files would
+    # stay private to the user who wrote them, unlike every other file the lab writes.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):  # POSIX
+            os.fchmod(fd, _new_file_mode())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _mkstemp_for(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -55,7 +76,7 @@ def atomic_save(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)``, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _mkstemp_for(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)

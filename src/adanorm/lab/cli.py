@@ -1,4 +1,4 @@
-"""The ``adanorm`` command.
+"""The adanorm command: the reproduction lab of "Understanding and Improving Layer Normalization".
 
 adanorm demo                         five norms on scikit-learn's digits, table + plot
 adanorm train mnist --preset cpu --set model.norm=adanorm model.norm_kwargs.scale=2

@@ -813,10 +813,10 @@ class Trainer:
                         self._save_last()
                     if bar is not None:
                         bar.update(1)
-                        post = {
-                            "loss": f"{self._train_postfix.get('loss', float('nan')):.4f}",
-                            "lr": f"{self.scheduler.get_last_lr()[0]:.2e}",
-                        }
+                        post = {}
+                        if "loss" in self._train_postfix:  # none before the first log line
+                            post["loss"] = f"{self._train_postfix['loss']:.4f}"
+                        post["lr"] = f"{self.scheduler.get_last_lr()[0]:.2e}"
                         if self.state.last_valid:
                             key = self.task.valid_metric
                             post[f"valid_{key}"] = f"{self.state.last_valid[key]:.4f}"
