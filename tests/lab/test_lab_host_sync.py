@@ -76,6 +76,10 @@ def test_micro_steps_never_wait_for_the_device(
                  "train.eval_every=3", "train.log_every=1", "data.max_examples=256"]
     if task in ("mt", "parsing"):
         overrides.append(f"data.cache_dir={tmp_path / 'cache'}")
+    if task == "parsing":  # keep the process-level treebank cache as other tests expect it
+        from adanorm.lab.tasks import parsing as parsing_module
+
+        monkeypatch.setattr(parsing_module, "_TREEBANKS", {})
     cfg = load_config(task, "smoke", overrides)
     calls = _forbid_host_sync_in_micro_steps(monkeypatch)
     Trainer(cfg, tmp_path / "run", data_dir=str(root) if root else None, argv=["test"]).fit()
