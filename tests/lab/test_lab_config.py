@@ -30,7 +30,7 @@ def test_every_built_in_task_has_the_three_presets() -> None:
     assert {"mnist", "digits"} <= set(built_in)
     for task in built_in:
         assert set(available_presets(task)) >= {"paper", "cpu", "smoke"}, task
-        assert (REPO / "configs" / task).is_dir()
+        assert (REPO / "src/adanorm/lab/presets" / task).is_dir()
 
 
 def test_overrides_parse_yaml_values() -> None:

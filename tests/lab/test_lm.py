@@ -34,7 +34,9 @@ from adanorm.lab.trainer import Trainer
 
 REAL_DATA = os.environ.get("ADANORM_DATA")
 needs_real_data = pytest.mark.skipif(
-    not REAL_DATA, reason="ADANORM_DATA is not set (the real Tiny Shakespeare is not available)"
+    not REAL_DATA or not (Path(REAL_DATA).expanduser() / "tiny_shakespeare/input.txt").exists(),
+    reason="the real Tiny Shakespeare is not under ADANORM_DATA (tiny_shakespeare/input.txt; "
+    "CI sets ADANORM_DATA=../shared/data)",
 )
 
 

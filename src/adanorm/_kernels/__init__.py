@@ -345,6 +345,15 @@ def cpu_kernels_ready() -> bool:
             stacklevel=3,
         )
         return False
+    if not any(build_directory().glob("adanorm_cpu_*.so")):  # a first build takes 20-40 s
+        import sys
+
+        print(
+            f"adanorm: building the C++ CPU kernels in {build_directory()} (once per machine "
+            f"and torch version, 20-40 s)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         _load_cpu_library()
     except Exception as error:  # any build or load failure means: use the fallback

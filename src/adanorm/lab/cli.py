@@ -1,4 +1,4 @@
-"""The ``adanorm`` command.
+"""The adanorm command: the reproduction lab of "Understanding and Improving Layer Normalization".
 
 adanorm demo                         five norms on scikit-learn's digits, table + plot
 adanorm train mnist --preset cpu --set model.norm=adanorm model.norm_kwargs.scale=2
@@ -233,7 +233,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .data import require_dataset
+    from .data import available_datasets, require_dataset
+
+    if args.dataset not in available_datasets():
+        raise ConfigError(
+            f"unknown dataset {args.dataset!r}; known datasets: {', '.join(available_datasets())}"
+        )
 
     path = require_dataset(args.dataset, args.data_dir, download=True)
     print(f"{args.dataset}: verified in {path}")
@@ -290,14 +295,33 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": _cmd_tasks,
         "analyze": _cmd_analyze,
     }[args.command]
-    from .data import ChecksumError, DataMissingError
-    from .trainer import RunDirError
-
     try:
         return handler(args)
-    except (ConfigError, DataMissingError, ChecksumError, RunDirError) as exc:
-        print(f"adanorm {args.command}: error: {exc}", file=sys.stderr)
+    except _user_errors() as exc:
+        # What the user can fix gets one line naming it; anything else is a bug and keeps its
+        # traceback.
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"adanorm {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types whose message names the bad file or value and what to do."""
+    from .checkpoint import CheckpointError
+    from .data import ChecksumError, DataMissingError
+    from .download import DownloadError
+    from .trainer import RunDirError, TrainingOutOfMemoryError
+
+    return (
+        ConfigError,
+        DataMissingError,
+        ChecksumError,
+        DownloadError,
+        RunDirError,
+        CheckpointError,
+        TrainingOutOfMemoryError,
+        FloatingPointError,
+    )
 
 
 if __name__ == "__main__":

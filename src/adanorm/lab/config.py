@@ -1,7 +1,8 @@
 """Experiment configs: YAML presets per task plus dotted command-line overrides.
 
 A config is a plain nested ``dict`` (YAML in, YAML out), so it is trivially saved next to every run
-and compared between runs.  Presets live in ``configs/<task>/<preset>.yaml``.  Every key is declared
+and compared between runs.  Presets ship inside the package,
+in ``src/adanorm/lab/presets/<task>/<preset>.yaml``.  Every key is declared
 once with its type, range and default: the engine's in :data:`ENGINE_SCHEMA`, a task's ``data``,
 ``model`` and ``generation`` keys in its ``config_schema`` (a ``TaskSchema``).
 :func:`resolve` checks a preset plus overrides against both and fills in the defaults, so a typo in
@@ -47,6 +48,7 @@ __all__ = [
     "resume_changes",
     "check_resume",
     "config_dirs",
+    "PRESET_DIR",
     "find_preset",
     "load_config",
     "apply_overrides",
@@ -139,20 +141,18 @@ _SECTIONS = tuple(k for k, v in ENGINE_SCHEMA.items() if isinstance(v, dict))
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def _repo_config_dir() -> Path:
-    # src/adanorm/lab/config.py -> repo root: an editable install or a source checkout.
-    return Path(__file__).resolve().parents[3] / "configs"
+#: The built-in presets: package data, so a wheel has them as well as a source checkout.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def config_dirs() -> list[Path]:
-    """Where presets are searched: ``$ADANORM_CONFIGS`` (os.pathsep-separated), then the repo's
-    ``configs/`` and the copy shipped inside the package."""
+    """Where presets are searched: ``$ADANORM_CONFIGS`` (os.pathsep-separated directories laid
+    out as ``<task>/<preset>.yaml``) first, then the presets shipped in the package."""
     dirs: list[Path] = []
     env = os.environ.get("ADANORM_CONFIGS")
     if env:
         dirs.extend(Path(p) for p in env.split(os.pathsep) if p)
-    dirs.append(_repo_config_dir())
-    dirs.append(Path(__file__).resolve().parent / "configs")
+    dirs.append(PRESET_DIR)
     return dirs
 
 
@@ -422,7 +422,7 @@ def check_task(cfg: Mapping[str, Any]) -> None:
 
 
 def load_config(task: str, preset: str = "cpu", overrides: Iterable[str] = ()) -> dict[str, Any]:
-    """Load ``configs/<task>/<preset>.yaml``, apply ``overrides`` and validate.
+    """Load the ``preset`` of ``task`` (see :func:`find_preset`), apply ``overrides``, validate.
 
     The task name in the file, if any, must agree with ``task``.
     """

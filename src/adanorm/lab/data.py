@@ -79,7 +79,15 @@ def register_dataset(info: DatasetInfo) -> DatasetInfo:
     return info
 
 
+def _load_task_datasets() -> None:
+    from .task import available_tasks
+
+    available_tasks()  # importing the built-in tasks registers their datasets
+
+
 def get_dataset_info(name: str) -> DatasetInfo:
+    if name not in _DATASETS:
+        _load_task_datasets()
     if name not in _DATASETS:
         raise ValueError(
             f"unknown dataset {name!r}; known datasets: {', '.join(sorted(_DATASETS))}"
@@ -88,6 +96,7 @@ def get_dataset_info(name: str) -> DatasetInfo:
 
 
 def available_datasets() -> list[str]:
+    _load_task_datasets()
     return sorted(_DATASETS)
 
 
@@ -209,8 +218,14 @@ def require_dataset(
                 raise DataMissingError(
                     f"{info.name}: file {spec.name} not found at {path}. {_how_to_get(info, root)}"
                 )
-            from .download import download_file
+            from .download import DownloadError, download_file
 
-            download_file(spec.urls, path, spec)
+            try:
+                download_file(spec.urls, path, spec)
+            except DownloadError as exc:
+                raise DownloadError(
+                    f"{exc}. Check the network connection and retry (a partial file resumes), "
+                    f"or copy the files of {info.name} into {directory} yourself"
+                ) from exc
         verify_file(path, spec)
     return directory

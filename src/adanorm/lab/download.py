@@ -8,6 +8,7 @@ complete and correct.  A part file whose checksum is wrong is deleted and never 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import urllib.error
@@ -86,7 +87,32 @@ def download_file(
     dest = Path(dest)
     if not urls:
         raise DownloadError(f"no URL is registered for {dest.name}")
+    created = _missing_ancestors(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download(urls, dest, spec, timeout, chunk_size, progress)
+    except BaseException:
+        # Leave no empty directory behind (it would look like a dataset that is there); a
+        # partial download stays, and its directory with it, for the next attempt to resume.
+        for directory in created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _missing_ancestors(directory: Path) -> list[Path]:
+    """``directory`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _download(
+    urls: Sequence[str], dest: Path, spec: DataFile, timeout: float, chunk_size: int,
+    progress: bool,
+) -> Path:
     part = dest.with_name(dest.name + ".part")
     errors: list[str] = []
     for url in urls:

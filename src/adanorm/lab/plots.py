@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["read_metrics", "plot_loss_curves", "NORM_COLORS"]
+__all__ = ["read_metrics", "plot_loss_curves", "loss_curves_figure", "NORM_COLORS"]
 
 NORM_COLORS = {
     "layernorm": "#1f77b4",
@@ -59,13 +60,29 @@ def plot_loss_curves(
 ) -> Path:
     """Write a PNG with train and valid loss per norm; ``runs_by_norm[label]`` holds the
     ``metrics.jsonl`` records of each seed."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_curves_figure(runs_by_norm, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def loss_curves_figure(runs_by_norm: Mapping[str, Sequence[Sequence[dict]]], title: str) -> Any:
+    """The figure of :func:`plot_loss_curves`: both panels share one legend below them, which
+    also says what the shaded band is."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), layout="constrained")
+    banded = False
     for ax, split, name in ((axes[0], "train", "train loss"), (axes[1], "valid", "valid loss")):
         for label, runs in runs_by_norm.items():
             steps, values = _curve(runs, split)
@@ -84,18 +101,24 @@ def plot_loss_curves(
             )
             if len(runs) > 1:
                 ax.fill_between(steps, arr.min(0), arr.max(0), color=color, alpha=0.15, lw=0)
+                banded = True
         ax.set_xlabel("optimizer updates")
         ax.set_ylabel(name)
         ax.set_title(f"{title}: {name}")
         ax.grid(True, alpha=0.3)
         ax.set_yscale("log")  # late differences between norms are invisible on a linear axis
-    handles, labels = axes[1].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[0].get_legend_handles_labels()
-    axes[1].legend(handles, labels, fontsize=8, frameon=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    # One legend for both panels (a norm may have valid points only), by first appearance.
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if banded:
+        entries["shaded band: lowest to highest seed; line: mean over the n seeds"] = Patch(
+            color="0.5", alpha=0.3, lw=0
+        )
+    if entries:
+        fig.legend(
+            list(entries.values()), list(entries), loc="outside lower center",
+            ncols=min(len(entries), 3), fontsize=8, frameon=False,
+        )
+    return fig

@@ -8,7 +8,10 @@ A task (in the spirit of fairseq's ``FairseqTask``) owns
 * the model: :meth:`Task.build_model`, whose norms come *only* from :func:`adanorm.make_norm`
   with ``cfg["model"]["norm"]`` and ``cfg["model"]["norm_kwargs"]`` (use :meth:`Task.make_norm`);
 * the criterion: :meth:`Task.loss` returns the loss to back-propagate for a batch, plus additive
-  statistics (sums and counts) from which metrics are computed;
+  statistics (sums and counts) from which metrics are computed.  A statistic computed on the
+  device stays there as a detached 0-dim tensor (e.g. ``loss.detach().double() * n``) and counts
+  known on the host are Python numbers: converting a device value with ``float()`` in every step
+  would wait for the accelerator each micro-step;
 * the metrics: :meth:`Task.metrics` turns summed statistics into metrics.  The class attributes
   :attr:`Task.valid_metric` / :attr:`Task.valid_mode` choose the best checkpoint and drive early
   stopping; :attr:`Task.test_metric` is the number reported in tables.
@@ -40,12 +43,35 @@ __all__ = [
     "ClassificationTask",
     "TensorDataset",
     "stack_batch",
+    "stats_to_floats",
+    "add_stats",
 ]
 
-Stats = dict[str, float]
+#: Additive statistics: Python numbers, or detached 0-dim tensors still on the device.
+Stats = dict[str, Any]
 Split = Literal["train", "valid", "test"]
 
 _TASKS: dict[str, type[Task]] = {}
+
+
+def stats_to_floats(stats: Mapping[str, Any]) -> dict[str, float]:
+    """``stats`` as Python floats, in their order, with one host synchronization for all the
+    device tensors among them (via float64: a float32 value converts exactly as by ``float()``)."""
+    tensors = {k: v for k, v in stats.items() if isinstance(v, Tensor)}
+    host = {}
+    if tensors:
+        stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in tensors.values()])
+        host = dict(zip(tensors, stacked.tolist(), strict=True))
+    return {k: host[k] if k in host else float(v) for k, v in stats.items()}
+
+
+def add_stats(total: Stats, stats: Mapping[str, Any]) -> None:
+    """``total += stats`` key by key, keeping device values on the device (in float64: the sums
+    are then the ones Python floats would give, bit for bit)."""
+    for key, value in stats.items():
+        if isinstance(value, Tensor):
+            value = value.detach().to(torch.float64)
+        total[key] = total.get(key, 0.0) + value
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -128,7 +154,9 @@ class Task:
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
         """Return ``(loss, stats)``: ``loss`` is what to back-propagate (a mean over the batch) and
-        ``stats`` holds additive sums, e.g. ``{"loss_sum": ..., "correct": ..., "n": ...}``."""
+        ``stats`` holds additive sums, e.g. ``{"loss_sum": ..., "correct": ..., "n": ...}``:
+        device values as detached 0-dim tensors (never ``float(tensor)``, which waits for the
+        device), host counts as Python numbers."""
         raise NotImplementedError
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
@@ -150,9 +178,8 @@ class Task:
             for batch in batches:
                 with autocast():
                     stats = self.eval_batch_stats(model, batch)
-                for key, value in stats.items():
-                    total[key] = total.get(key, 0.0) + float(value)
-        return self.metrics(reduce(total))
+                add_stats(total, stats)
+        return self.metrics(reduce(stats_to_floats(total)))
 
     def eval_batch_stats(self, model: nn.Module, batch: Any) -> Stats:
         """Additive statistics of one evaluation batch: the loss's by default.  Override to add
@@ -218,8 +245,8 @@ class ClassificationTask(Task):
         loss = nn.functional.cross_entropy(logits, labels)
         n = labels.shape[0]
         stats = {
-            "loss_sum": float(loss.detach()) * n,
-            "correct": float((logits.detach().argmax(-1) == labels).sum()),
+            "loss_sum": loss.detach().double() * n,
+            "correct": (logits.detach().argmax(-1) == labels).sum().double(),
             "n": float(n),
         }
         return loss, stats

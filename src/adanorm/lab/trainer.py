@@ -22,7 +22,8 @@ Run directory layout (written by the main process only)::
 Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)``; a checkpoint
 records the position inside the epoch, every RNG state and the byte length of ``metrics.jsonl``.
 Resuming truncates ``metrics.jsonl`` to that length and replays the remaining steps, so a run that
-was killed and resumed writes exactly the lines an uninterrupted run writes.
+was killed and resumed writes exactly the lines an uninterrupted run writes.  A ``metrics.jsonl``
+shorter than recorded (lost lines) is refused; a resumed run without a checkpoint starts over.
 """
 
 from __future__ import annotations
@@ -50,9 +51,16 @@ from .config import ConfigError, check_resume, dump_yaml, resolve
 from .distributed import DistInfo, all_reduce_sums, barrier, init_distributed
 from .runinfo import environment, git_state, norm_label
 from .schedules import lr_multiplier
-from .task import Stats, Task, get_task
+from .task import Stats, Task, add_stats, get_task, stats_to_floats
 
-__all__ = ["Trainer", "RunDirError", "GlobalBatchSampler", "seed_everything", "resolve_device"]
+__all__ = [
+    "Trainer",
+    "RunDirError",
+    "TrainingOutOfMemoryError",
+    "GlobalBatchSampler",
+    "seed_everything",
+    "resolve_device",
+]
 
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
@@ -63,6 +71,18 @@ METRICS = "metrics.jsonl"
 
 class RunDirError(RuntimeError):
     """The run directory is in a state that the requested action would damage."""
+
+
+class TrainingOutOfMemoryError(MemoryError):
+    """The device ran out of memory in a training step or an evaluation; the message says which
+    config value to lower."""
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # CUDA raises torch.OutOfMemoryError; torch's CPU allocator a plain RuntimeError.
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -158,8 +178,10 @@ class TrainState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     train_seconds: float = 0.0
-    log_sums: dict[str, float] = field(default_factory=dict)  # train stats since the last log line
-    totals: dict[str, float] = field(default_factory=dict)  # train stats summed over the run
+    # Train stats since the last log line, and summed over the run.  Between logs the values may
+    # be float64 tensors on the device (see Task.loss); checkpoints and results hold floats.
+    log_sums: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, Any] = field(default_factory=dict)
     last_valid: dict[str, float] = field(default_factory=dict)
 
 
@@ -171,6 +193,34 @@ def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(_move(v, device) for v in batch)
     return batch
+
+
+@contextlib.contextmanager
+def _process_settings(tcfg: Mapping[str, Any], device: torch.device) -> Iterator[None]:
+    """Apply the run's process-wide torch settings; restore the previous ones on exit."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    rng = ckpt.capture_rng()
+    try:
+        torch.set_num_threads(int(tcfg["threads"]) or 1)
+        if tcfg["deterministic"]:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = False
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+        ckpt.restore_rng(rng)
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
@@ -203,13 +253,7 @@ class Trainer:
         self.show_progress = tcfg["progress"] if progress is None else progress
         self.argv = argv if argv is not None else list(sys.argv)
 
-        torch.set_num_threads(int(tcfg["threads"]) or 1)
         self.device = resolve_device(tcfg["device"])
-        if tcfg["deterministic"]:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if self.device.type == "cuda":
-                torch.backends.cudnn.benchmark = False
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -222,6 +266,9 @@ class Trainer:
 
         self.task: Task = get_task(cfg["task"])(cfg, data_dir)
         self.state = TrainState()
+        self._first_nonfinite_step: torch.Tensor | None = None
+        self._first_nonfinite_loss: torch.Tensor | None = None
+        self._resume_state: dict[str, Any] | None = None
 
     # --- setup ----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -289,15 +336,59 @@ class Trainer:
         if (self.run_dir / RESULTS).exists():
             raise RunDirError(f"{self.run_dir} already holds a finished run ({RESULTS} exists)")
         if self.resume:
-            if last.exists() and (self.run_dir / "config.yaml").exists():
-                check_resume(self.run_dir / "config.yaml", self.cfg)
-            return last.exists()
+            if last.exists():
+                if (self.run_dir / "config.yaml").exists():
+                    check_resume(self.run_dir / "config.yaml", self.cfg)
+                self._resume_state = self._checked_last_checkpoint()
+                return True
+            self._drop_lines_without_checkpoint()
+            return False
         if last.exists() or (self.run_dir / METRICS).exists():
             raise RunDirError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
                 f"another --run-dir"
             )
         return False
+
+    def _checked_last_checkpoint(self) -> dict[str, Any]:
+        """The last checkpoint, refused unless ``metrics.jsonl`` still holds every line it saw.
+
+        Those lines come from training that the checkpoint cannot replay: a shorter file (lost
+        lines) or one whose recorded length does not end a line (a replaced file) cannot be
+        resumed exactly, and extending it would write NUL bytes that break every reader.
+        """
+        state = ckpt.load_checkpoint(
+            self.run_dir / LAST,
+            required=("model", "optimizer", "scheduler", "trainer", "rng", "metrics_bytes"),
+        )
+        recorded = int(state["metrics_bytes"])
+        path = self.run_dir / METRICS
+        size = path.stat().st_size if path.exists() else 0
+        ends_a_line = recorded == 0
+        if 0 < recorded <= size:
+            with open(path, "rb") as fh:
+                fh.seek(recorded - 1)
+                ends_a_line = fh.read(1) == b"\n"
+        if size < recorded or not ends_a_line:
+            raise RunDirError(
+                f"{path} has {size} bytes but {LAST} (step {state['trainer']['step']}) recorded "
+                f"{recorded} bytes ending a line: lines written before that checkpoint were lost "
+                f"or the file was replaced, so the run cannot be resumed exactly; restore "
+                f"{METRICS}, or delete {self.run_dir} and train again"
+            )
+        return state
+
+    def _drop_lines_without_checkpoint(self) -> None:
+        """A resumed run without a checkpoint starts over at step 0, replaying every line."""
+        path = self.run_dir / METRICS
+        if self.dist.is_main and path.exists() and path.stat().st_size:
+            print(
+                f"{self.run_dir}: no {LAST} yet, so the run starts over; dropping the "
+                f"{METRICS} lines of the attempt that stopped before its first checkpoint",
+                file=sys.stderr,
+            )
+            with open(path, "r+b") as fh:
+                fh.truncate(0)
 
     def _write_provenance(self, resuming: bool) -> None:
         if not self.dist.is_main:
@@ -334,6 +425,9 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save_last(self) -> None:
+        self._raise_if_nonfinite()
+        self.state.log_sums = stats_to_floats(self.state.log_sums)
+        self.state.totals = stats_to_floats(self.state.totals)
         if self.dist.is_main:
             state = {
                 "format": "adanorm-lab-checkpoint/1",
@@ -365,7 +459,7 @@ class Trainer:
             )
 
     def _load_last(self) -> None:
-        state = ckpt.load_checkpoint(self.run_dir / LAST)
+        state, self._resume_state = self._resume_state, None
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -375,7 +469,9 @@ class Trainer:
         if self.dist.rank == 0:
             ckpt.restore_rng(state["rng"])
         else:
-            ckpt.restore_rng(ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt"))
+            ckpt.restore_rng(
+                ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt", ["python"])
+            )
         # Lines written after this checkpoint are replayed by the resumed run: drop them.
         if self.dist.is_main:
             path = self.run_dir / METRICS
@@ -409,6 +505,23 @@ class Trainer:
         for batch in self._loader(dataset, sampler):
             yield _move(batch, self.device)
 
+    def _out_of_memory(self, during: str, exc: BaseException) -> TrainingOutOfMemoryError:
+        data, accum = self.cfg["data"], self.cfg["optim"]["accum_steps"]
+        if during == "training":
+            key = "max_tokens" if "max_tokens" in data else "batch_size"
+            advice = (
+                f"lower data.{key} (now {data[key]}) and raise optim.accum_steps (now {accum}) "
+                f"by the same factor to keep the update"
+            )
+        else:
+            key = "eval_max_tokens" if "eval_max_tokens" in data else "eval_batch_size"
+            advice = f"lower data.{key} (now {data[key]})"
+        what = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return TrainingOutOfMemoryError(
+            f"out of memory on {self.device} during {during} at step {self.state.step} ({what}); "
+            f"{advice}, or train.amp=bf16, or a smaller model"
+        )
+
     def evaluate(self, split: str) -> dict[str, float]:
         dataset = self.valid_set if split == "valid" else self.test_set
         was_training = self.module.training
@@ -417,9 +530,13 @@ class Trainer:
             return self.task.evaluate(
                 self.module,
                 self._eval_batches(dataset),
-                lambda stats: all_reduce_sums(stats, self.device),
+                lambda stats: all_reduce_sums(stats_to_floats(stats), self.device),
                 self._autocast,
             )
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise self._out_of_memory(f"{split} evaluation", exc) from exc
+            raise
         finally:
             self.module.train(was_training)
 
@@ -431,11 +548,7 @@ class Trainer:
         with context:
             with self._autocast():
                 loss, stats = self.task.loss(self.model, batch)
-            if not torch.isfinite(loss.detach()):
-                raise FloatingPointError(
-                    f"non-finite training loss {float(loss)} at step {self.state.step}; "
-                    f"try a lower optim.lr, optim.clip_norm > 0 or train.amp=none"
-                )
+            self._note_nonfinite(loss.detach())
             loss = loss * scale
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -444,6 +557,14 @@ class Trainer:
         return stats
 
     def _optimizer_step(self, micro_batches: list[Any]) -> None:
+        try:
+            self._update(micro_batches)
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise self._out_of_memory("training", exc) from exc
+            raise
+
+    def _update(self, micro_batches: list[Any]) -> None:
         accum = len(micro_batches)
         recording = (
             self.grad_recorder.step(self.state.step)
@@ -455,9 +576,8 @@ class Trainer:
                 stats = self._micro_step(
                     _move(batch, self.device), sync=i == accum - 1, scale=1 / accum
                 )
-                for key, value in stats.items():
-                    self.state.log_sums[key] = self.state.log_sums.get(key, 0.0) + float(value)
-                    self.state.totals[key] = self.state.totals.get(key, 0.0) + float(value)
+                add_stats(self.state.log_sums, stats)
+                add_stats(self.state.totals, stats)
         clip = self.cfg["optim"]["clip_norm"]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -475,7 +595,36 @@ class Trainer:
         if self.grad_recorder is not None:
             grad_stats = self.grad_recorder.pop()
             if grad_stats:  # this process's shard only, under DDP
+                self._raise_if_nonfinite()
                 self._log({"split": "gradstats", "step": self.state.step, **grad_stats})
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device, the first update whose loss was not finite.
+
+        Checking ``isfinite`` on the host would wait for the device every micro-step; the flag is
+        read by :meth:`_raise_if_nonfinite` only where the trainer synchronizes anyway (logs,
+        evaluations, checkpoints), so no log line, best model or checkpoint comes from a run
+        past a non-finite loss.
+        """
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._first_nonfinite_loss = torch.zeros((), dtype=torch.float64, device=loss.device)
+        first = (self._first_nonfinite_step < 0) & ~torch.isfinite(loss)
+        self._first_nonfinite_step = torch.where(first, self.state.step, self._first_nonfinite_step)
+        self._first_nonfinite_loss = torch.where(
+            first, loss.to(torch.float64), self._first_nonfinite_loss
+        )
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._first_nonfinite_step is None:
+            return
+        step = int(self._first_nonfinite_step)
+        if step >= 0:
+            raise FloatingPointError(
+                f"non-finite training loss {float(self._first_nonfinite_loss)} at step {step} "
+                f"(noticed at step {self.state.step}); try a lower optim.lr, "
+                f"optim.clip_norm > 0 or train.amp=none"
+            )
 
     def _improved(self, value: float) -> bool:
         best = self.state.best_metric
@@ -502,7 +651,7 @@ class Trainer:
     def _averaged_model(self) -> dict[str, torch.Tensor]:
         """The element-wise mean of the kept snapshots (floating tensors; others from the last)."""
         paths = self._snapshots()
-        states = [ckpt.load_checkpoint(path)["model"] for path in paths]
+        states = [ckpt.load_checkpoint(path, ["model", "step"])["model"] for path in paths]
         averaged = {}
         for key, value in states[-1].items():
             if torch.is_floating_point(value):
@@ -514,6 +663,7 @@ class Trainer:
         return averaged
 
     def _run_eval(self) -> None:
+        self._raise_if_nonfinite()
         self._snapshot_for_average()
         metrics = self.evaluate("valid")
         self.state.last_valid = metrics
@@ -539,7 +689,8 @@ class Trainer:
             self.state.stopped_early = True
 
     def _flush_train_log(self) -> None:
-        sums = all_reduce_sums(self.state.log_sums, self.device)
+        self._raise_if_nonfinite()
+        sums = all_reduce_sums(stats_to_floats(self.state.log_sums), self.device)
         self.state.log_sums = {}
         if sums:
             metrics = self.task.metrics(sums)
@@ -555,12 +706,18 @@ class Trainer:
             self._train_postfix = metrics
 
     def fit(self) -> dict[str, Any]:
-        """Train (or resume), then evaluate the best checkpoint; return the final results."""
-        self._lock_run_dir()
-        try:
-            return self._fit(self._prepare_run_dir())
-        finally:
-            self._unlock_run_dir()
+        """Train (or resume), then evaluate the best checkpoint; return the final results.
+
+        Torch's thread count, deterministic mode and RNG states are process-wide: they are set
+        for the run and restored when it ends, also on error, so that callers running several
+        trainers in one process (``demo``, ``analyze``, notebooks) do not inherit them.
+        """
+        with _process_settings(self.cfg["train"], self.device):
+            self._lock_run_dir()
+            try:
+                return self._fit(self._prepare_run_dir())
+            finally:
+                self._unlock_run_dir()
 
     def _fit(self, resume_from_checkpoint: bool) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg["train"]
@@ -661,10 +818,10 @@ class Trainer:
                         self._save_last()
                     if bar is not None:
                         bar.update(1)
-                        post = {
-                            "loss": f"{self._train_postfix.get('loss', float('nan')):.4f}",
-                            "lr": f"{self.scheduler.get_last_lr()[0]:.2e}",
-                        }
+                        post = {}
+                        if "loss" in self._train_postfix:  # none before the first log line
+                            post["loss"] = f"{self._train_postfix['loss']:.4f}"
+                        post["lr"] = f"{self.scheduler.get_last_lr()[0]:.2e}"
                         if self.state.last_valid:
                             key = self.task.valid_metric
                             post[f"valid_{key}"] = f"{self.state.last_valid[key]:.4f}"
@@ -678,13 +835,15 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
+        self._raise_if_nonfinite()
+        self.state.totals = stats_to_floats(self.state.totals)
         average = int(cfg["train"]["average_checkpoints"])
         self._averaged_steps: list[int] = []
         if average > 0 and self._snapshots():
             final = {"model": self._averaged_model()}
         else:
             final = (
-                ckpt.load_checkpoint(self.run_dir / BEST)
+                ckpt.load_checkpoint(self.run_dir / BEST, ["model"])
                 if (self.run_dir / BEST).exists()
                 else None
             )

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from ..data import DataFile, DatasetInfo, register_dataset, require_dataset
 from ..schema import Bool, DropoutRate, Int, Str, TaskSchema
-from ..task import Stats, Task, register_task
+from ..task import Stats, Task, register_task, stats_to_floats
 from .lm_data import (
     ENWIK8_PROTOCOLS,
     Corpus,
@@ -91,7 +91,7 @@ _CORPORA: dict[tuple[str, str, str], Corpus] = {}
 @register_task("lm")
 class LMTask(Task):
     datasets = ("tiny_shakespeare", "enwik8")
-    # Defaults: the paper preset (configs/lm/paper.yaml: Transformer-XL base on enwik8).
+    # Defaults: the paper preset (presets/lm/paper.yaml: Transformer-XL base on enwik8).
     config_schema = TaskSchema(
         data={
             "protocol": Str("txl", "enwik8: raw (bytes) or txl (newlines dropped); "
@@ -224,7 +224,7 @@ class LMTask(Task):
         logits, _ = model(inputs, mems)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         count = targets.numel()
-        return nll, {"nll_sum": float(nll.detach()) * count, "symbols": float(count)}
+        return nll, {"nll_sum": nll.detach().double() * count, "symbols": float(count)}
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         symbols = stats.get("symbols", 0.0)
@@ -252,8 +252,8 @@ class LMTask(Task):
                     with autocast():
                         logits, mems = model(streams[:, start:end], mems, **self.eval_lengths)
                     targets = streams[:, start + 1 : end + 1]
-                    total["nll_sum"] += float(F.cross_entropy(
+                    total["nll_sum"] += F.cross_entropy(
                         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                        reduction="sum"))
+                        reduction="sum").double()
                     total["symbols"] += targets.numel()
-        return self.metrics(reduce(total))
+        return self.metrics(reduce(stats_to_floats(total)))

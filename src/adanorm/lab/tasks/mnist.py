@@ -67,7 +67,7 @@ def _load(directory: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
 @register_task("mnist")
 class MnistTask(ClassificationTask):
     datasets = ("mnist",)
-    # Defaults: the paper preset's CNN (configs/mnist/paper.yaml).
+    # Defaults: the paper preset's CNN (presets/mnist/paper.yaml).
     config_schema = TaskSchema(
         data={"download": Bool(False, "fetch missing files into the data root (sha256-checked)")},
         model={

@@ -125,7 +125,7 @@ class TokenBatches(Dataset):
 @register_task("mt")
 class MTTask(Task):
     datasets = ("multi30k", "iwslt14_de_en", "iwslt15_en_vi", "wmt14_en_de")
-    # Defaults: the paper preset (configs/mt/paper.yaml, the authors' IWSLT14 recipe).  Keys
+    # Defaults: the paper preset (presets/mt/paper.yaml, the authors' IWSLT14 recipe).  Keys
     # whose default belongs to the recipe named by data.name (languages, lower-casing, BPE size,
     # Moses escaping) have NO_DEFAULT: absent means the recipe's value (mt_data._RECIPES).
     config_schema = TaskSchema(
@@ -259,8 +259,11 @@ class MTTask(Task):
         src = self._pad([torch.cat([data.src[i], eos]) for i in indices])
         target = self._pad([torch.cat([data.tgt[i], eos]) for i in indices])
         prev = self._pad([torch.cat([bos, data.tgt[i]]) for i in indices])
+        # Counted here, on the host, so that the loss never waits for the device to count them.
         return {"src": src, "prev": prev, "target": target,
-                "index": torch.tensor(indices), "decode": decode}
+                "index": torch.tensor(indices), "decode": decode,
+                "target_tokens": int(target.ne(d.pad).sum()),
+                "src_tokens": int(src.ne(d.pad).sum())}
 
     def batch_size(self, batch: Mapping[str, Tensor]) -> int:
         return int(batch["src"].shape[0])
@@ -283,7 +286,8 @@ class MTTask(Task):
     # --- criterion ------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor, Stats]:
         pad = self.corpus().dictionary.pad
-        logits = model(batch["src"], batch["prev"]).float()
+        src_padded = batch["src_tokens"] < batch["src"].numel()
+        logits = model(batch["src"], batch["prev"], src_padded=src_padded).float()
         flat_logits, target = logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1)
         # PyTorch's label smoothing spreads eps over all V classes, as fairseq's
         # label_smoothed_cross_entropy does (eps_i = eps / V).
@@ -291,10 +295,10 @@ class MTTask(Task):
                                    label_smoothing=self.label_smoothing)
         with torch.no_grad():
             nll = F.cross_entropy(flat_logits, target, ignore_index=pad, reduction="sum")
-        tokens = int(target.ne(pad).sum())
+        tokens = batch["target_tokens"]
         stats = {
-            "loss_sum": float(smoothed.detach()), "nll_sum": float(nll), "tokens": float(tokens),
-            "src_tokens": float(batch["src"].ne(pad).sum()),
+            "loss_sum": smoothed.detach().double(), "nll_sum": nll.double(),
+            "tokens": float(tokens), "src_tokens": float(batch["src_tokens"]),
             "sentences": float(batch["src"].shape[0]),
         }
         return smoothed / max(tokens, 1), stats

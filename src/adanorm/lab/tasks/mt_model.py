@@ -275,10 +275,16 @@ class TransformerMT(nn.Module):
         return self.dropout(x)
 
     # --- encoder --------------------------------------------------------------------------------
-    def encode(self, src: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``src`` (B, S) token ids ending in eos -> (memory (B, S, d), padding mask or None)."""
+    def encode(self, src: Tensor, padded: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        """``src`` (B, S) token ids ending in eos -> (memory (B, S, d), padding mask or None).
+
+        ``padded`` says whether ``src`` holds any padding; a caller that counted its tokens on
+        the host passes it, since finding out here makes the host wait for the device.
+        """
         padding_mask = src.eq(self.pad)
-        mask = padding_mask if bool(padding_mask.any()) else None
+        if padded is None:
+            padded = bool(padding_mask.any())
+        mask = padding_mask if padded else None
         x = self._embed(self.src_embed, src)
         for layer in self.encoder_layers:
             x = layer(x, mask)
@@ -319,6 +325,6 @@ class TransformerMT(nn.Module):
             for key, value in entry.items():
                 entry[key] = value.index_select(0, order)
 
-    def forward(self, src: Tensor, prev_tokens: Tensor) -> Tensor:
-        memory, memory_mask = self.encode(src)
+    def forward(self, src: Tensor, prev_tokens: Tensor, src_padded: bool | None = None) -> Tensor:
+        memory, memory_mask = self.encode(src, src_padded)
         return self.decode(prev_tokens, memory, memory_mask)

@@ -40,7 +40,7 @@ from ..data import (
     user_cache_dir,
 )
 from ..schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
-from ..task import Stats, Task, TensorDataset, register_task
+from ..task import Stats, Task, TensorDataset, add_stats, register_task, stats_to_floats
 from . import parsing_data as pd
 
 __all__ = ["ParsingTask", "MLPParser", "greedy_parse", "attachment_counts", "EWT_FILES"]
@@ -234,7 +234,7 @@ class ParsingTask(Task):
     """Transition-based dependency parsing; valid metric: dev UAS without punctuation."""
 
     datasets = ("ewt", "ptb")
-    # Defaults: the paper preset (configs/parsing/paper.yaml: Chen & Manning's sizes).
+    # Defaults: the paper preset (presets/parsing/paper.yaml: Chen & Manning's sizes).
     config_schema = TaskSchema(
         data={
             "download": Bool(False, "ewt only: fetch missing files (sha256-checked)"),
@@ -342,9 +342,13 @@ class ParsingTask(Task):
             return _TREEBANKS[key]
         cache_dir = self.cfg["data"]["cache_dir"] or _cache_root()
         cache_file = Path(cache_dir).expanduser() / f"{self.dataset_name}-{key}.npz"
+        loaded = None
         if cache_file.exists():
-            loaded = pd.load_treebank(cache_file)
-        else:
+            try:
+                loaded = pd.load_treebank(cache_file)
+            except pd.CacheError as exc:
+                print(f"parsing: rebuilding the unreadable feature cache ({exc})", file=sys.stderr)
+        if loaded is None:
             if self.dataset_name == "ewt":
                 raw = {s: pd.read_conllu(p, pos_field) for s, p in files.items()}
             else:
@@ -403,8 +407,8 @@ class ParsingTask(Task):
         loss = nn.functional.cross_entropy(scores, transitions)
         n = transitions.shape[0]
         return loss, {
-            "loss_sum": float(loss.detach()) * n,
-            "correct": float((scores.detach().argmax(1) == transitions).sum()),
+            "loss_sum": loss.detach().double() * n,
+            "correct": (scores.detach().argmax(1) == transitions).sum().double(),
             "n": float(n),
         }
 
@@ -428,13 +432,11 @@ class ParsingTask(Task):
                     gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
                     with autocast():
                         _, stats = self.loss(model, (features.to(device), gold.to(device)))
-                    for k, v in stats.items():
-                        total[k] += v
+                    add_stats(total, stats)
                 with autocast():
                     predicted = greedy_parse(model, sentences, vocab.num_labels)
-                for k, v in attachment_counts(sentences, predicted).items():
-                    total[k] = total.get(k, 0.0) + v
-        return self.metrics(reduce(total))
+                add_stats(total, attachment_counts(sentences, predicted))
+        return self.metrics(reduce(stats_to_floats(total)))
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)

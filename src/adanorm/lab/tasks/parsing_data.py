@@ -48,6 +48,7 @@ __all__ = [
     "featurize_treebank",
     "save_treebank",
     "load_treebank",
+    "CacheError",
     "cache_key",
     "file_fingerprint",
     "NUM_WORD_FEATURES",
@@ -472,6 +473,10 @@ CACHE_FORMAT = "adanorm-parsing-features/1"
 _ARRAYS = ("words", "tags", "heads", "labels", "punct", "features", "transitions")
 
 
+class CacheError(ValueError):
+    """A feature cache file is unreadable (truncated, corrupted, or of another format)."""
+
+
 def file_fingerprint(path: Path) -> dict[str, object]:
     """What identifies a treebank file for the cache: resolved path, size and mtime."""
     st = path.stat()
@@ -486,8 +491,10 @@ def cache_key(payload: dict[str, object]) -> str:
 def save_treebank(
     path: Path, vocab: Vocab, splits: dict[str, list[EncodedSentence]], info: dict[str, int]
 ) -> None:
-    """Write vocab + encoded splits to one ``.npz`` atomically (concurrent runs share it)."""
+    """Write vocab + encoded splits to one ``.npz`` atomically and durably (fsync, then rename):
+    concurrent runs share it, and a crash leaves the old file or the new one, never a torn one."""
     arrays: dict[str, np.ndarray] = {
+        "format": np.frombuffer(CACHE_FORMAT.encode(), dtype=np.uint8),
         "vocab": np.frombuffer(vocab.to_json().encode(), dtype=np.uint8),
         "info": np.frombuffer(json.dumps(info).encode(), dtype=np.uint8),
     }
@@ -498,13 +505,35 @@ def save_treebank(
             arrays[f"{split}/{name}_len"] = np.asarray([len(p) for p in parts], dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_treebank(path: Path) -> tuple[Vocab, dict[str, list[EncodedSentence]], dict[str, int]]:
-    with np.load(path) as z:
+    """Read a cache written by :func:`save_treebank`; :class:`CacheError` if it is unreadable.
+
+    The zip's CRC-32 catches corrupted bytes, the format marker another layout, and the length
+    checks arrays that do not add up."""
+    try:
+        return _load_treebank(path)
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as exc:  # BadZipFile, EOFError, KeyError, ValueError, zlib.error, ...
+        raise CacheError(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _load_treebank(path: Path) -> tuple[Vocab, dict[str, list[EncodedSentence]], dict[str, int]]:
+    with np.load(path, allow_pickle=False) as z:
+        found = z["format"].tobytes().decode() if "format" in z.files else None
+        if found != CACHE_FORMAT:
+            raise ValueError(f"format {found!r}, expected {CACHE_FORMAT!r}")
         vocab = Vocab.from_json(z["vocab"].tobytes().decode())
         info = json.loads(z["info"].tobytes().decode())
         splits: dict[str, list[EncodedSentence]] = {}
@@ -512,6 +541,9 @@ def load_treebank(path: Path) -> tuple[Vocab, dict[str, list[EncodedSentence]], 
             pieces = {}
             for name in _ARRAYS:
                 flat, lengths = z[f"{split}/{name}"], z[f"{split}/{name}_len"]
+                width = NUM_FEATURES if name == "features" else 1
+                if int(lengths.sum()) * width != flat.size:
+                    raise ValueError(f"{split}/{name}: lengths do not add up to the array")
                 if name == "features":
                     flat = flat.reshape(-1, NUM_FEATURES)
                 pieces[name] = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []

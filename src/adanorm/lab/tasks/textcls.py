@@ -451,7 +451,7 @@ class TextClassificationTask(ClassificationTask):
     """RT / SST-5 / SST-2 sentence classification; accuracy (%) on the best-validation epoch."""
 
     datasets = ("rt", "sst5", "sst2")
-    # Defaults: the paper preset (configs/textcls/paper.yaml, docs/tasks/textcls.md).
+    # Defaults: the paper preset (presets/textcls/paper.yaml, docs/tasks/textcls.md).
     config_schema = TaskSchema(
         data={
             "protocol": Str("split", "split (RT: seeded 80/10/10; SST: official) | cv10 (RT)",
