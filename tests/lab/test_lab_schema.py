@@ -25,7 +25,8 @@ from adanorm.lab.task import available_tasks, get_task
 from adanorm.lab.trainer import Trainer
 
 BUILT_IN = [t for t in available_tasks() if get_task(t).__module__.startswith("adanorm.lab.tasks")]
-SMOKE = REPO / "src" / "adanorm" / "lab" / "presets" / "digits" / "smoke.yaml"
+PRESETS = REPO / "src" / "adanorm" / "lab" / "presets"
+SMOKE = PRESETS / "digits" / "smoke.yaml"
 
 
 def _preset(tmp_path: Path, text: str | bytes, name: str = "preset.yaml") -> str:
@@ -70,7 +71,7 @@ def test_every_task_declares_its_schema_and_presets_get_all_its_defaults(task: s
 def test_schema_defaults_are_the_paper_presets_values(task: str) -> None:
     """A key left out of a preset gets the paper-scale value, not a scattered code default (the
     old textcls d_model 256 vs 32, mt dropout 0.3 vs 0.1 kind of mismatch)."""
-    paper = yaml.safe_load((REPO / "src" / "adanorm" / "lab" / "presets" / task / "paper.yaml").read_text())
+    paper = yaml.safe_load((PRESETS / task / "paper.yaml").read_text())
     schema = get_task(task).config_schema
     for section in ("data", "model", "generation"):
         for key, spec in getattr(schema, section).items():
