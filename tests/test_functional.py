@@ -571,3 +571,12 @@ def test_tiny_rows_with_zero_eps(std_mode, path, monkeypatch):
     out = AF.ada_norm(x, 32, eps=0.0, scale=2.0, std_mode=std_mode)
     ref = reference_norm(x.double(), (32,), eps=0.0, std_mode=std_mode, scale=2.0)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_shape_cache_never_lends_an_entry_to_an_equal_but_invalid_shape():
+    x = torch.randn(3, 1)
+    AF.layer_norm_simple(x, 1)
+    AF.layer_norm_simple(x, (1,))
+    for bad in (True, (True,), 1.0, (1.0,)):
+        with pytest.raises(ValueError, match="normalized_shape"):
+            AF.layer_norm_simple(x, bad)

@@ -69,7 +69,10 @@ ShapeLike = int | Sequence[int] | torch.Size
 # only (no tensor ops); the parsed normalized_shape is cached by value.
 # ------------------------------------------------------------------------------------------------
 
-_shape_cache: dict[Any, tuple[tuple[int, ...], int]] = {}
+# Parsed shapes: plain ints by value, tuples (immutable) by identity, so that True, 4.0 or (True,)
+# never borrow the entry of 1, 4 or (1,).
+_int_shapes: dict[int, tuple[tuple[int, ...], int]] = {}
+_tuple_shapes: dict[int, tuple[Any, tuple[tuple[int, ...], int]]] = {}
 
 
 def _parse_shape(normalized_shape: Any) -> tuple[tuple[int, ...], int]:
@@ -93,15 +96,23 @@ def _parse_shape(normalized_shape: Any) -> tuple[tuple[int, ...], int]:
 
 
 def _shape_and_width(normalized_shape: ShapeLike) -> tuple[tuple[int, ...], int]:
-    try:
-        return _shape_cache[normalized_shape]
-    except (KeyError, TypeError):  # TypeError: unhashable (a list)
-        pass
+    if type(normalized_shape) is int:
+        parsed = _int_shapes.get(normalized_shape)
+        if parsed is None:
+            parsed = _parse_shape(normalized_shape)
+            if len(_int_shapes) > 256:
+                _int_shapes.clear()
+            _int_shapes[normalized_shape] = parsed
+        return parsed
+    entry = _tuple_shapes.get(id(normalized_shape))
+    if entry is not None and entry[0] is normalized_shape:
+        return entry[1]
     parsed = _parse_shape(normalized_shape)
-    if isinstance(normalized_shape, (int, tuple)) and not isinstance(normalized_shape, bool):
-        if len(_shape_cache) > 256:
-            _shape_cache.clear()
-        _shape_cache[normalized_shape] = parsed
+    if isinstance(normalized_shape, tuple):
+        if len(_tuple_shapes) > 256:
+            _tuple_shapes.clear()
+        # The entry holds the tuple itself, so its id cannot be reused while it is cached.
+        _tuple_shapes[id(normalized_shape)] = (normalized_shape, parsed)
     return parsed
 
 
