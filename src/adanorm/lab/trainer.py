@@ -12,6 +12,8 @@ Run directory layout (written by the main process only)::
     run.json             git commit, seed, library versions, device, world size, command line
     metrics.jsonl        one JSON object per train log / evaluation / final test line
     checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
+                         and the task's own training state (``Task.state_dict``; other DDP
+                         processes: ``task_state_rank<r>.pt``), e.g. the LM's carried memory
     checkpoint_best.pt   the model with the best validation metric
     checkpoint_avg_<step>.pt  with ``train.average_checkpoints`` N > 0: the weights at each of
                          the last N evaluations, averaged into the final model
@@ -19,7 +21,8 @@ Run directory layout (written by the main process only)::
                          totals and throughput (e.g. target tokens per second); marks a finished
                          run
 
-Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)``; a checkpoint
+Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)`` (shuffled, or
+in index order for a task with ``shuffle_train = False``); a checkpoint
 records the position inside the epoch, every RNG state and the byte length of ``metrics.jsonl``.
 Resuming truncates ``metrics.jsonl`` to that length and replays the remaining steps, so a run that
 was killed and resumed writes exactly the lines an uninterrupted run writes.
@@ -340,11 +343,19 @@ class Trainer:
                 "rng": ckpt.capture_rng(),
                 "metrics_bytes": self._metrics_size(),
                 "config": json.loads(json.dumps(self.cfg)),
+                "task": self.task.state_dict(),
             }
             ckpt.atomic_save(state, self.run_dir / LAST)
         else:  # each process has its own dropout stream; the main process saves only its own
             ckpt.atomic_save(ckpt.capture_rng(), self.run_dir / f"rng_rank{self.dist.rank}.pt")
+            task_state = self.task.state_dict()
+            if task_state:  # e.g. the memory of this process's own LM streams
+                ckpt.atomic_save({"step": self.state.step, "task": task_state},
+                                 self._task_state_path(self.dist.rank))
         barrier()
+
+    def _task_state_path(self, rank: int) -> Path:
+        return self.run_dir / f"task_state_rank{rank}.pt"
 
     def _save_best(self) -> None:
         if self.dist.is_main:
@@ -369,8 +380,18 @@ class Trainer:
         self.state = TrainState(**state["trainer"])
         if self.dist.rank == 0:
             ckpt.restore_rng(state["rng"])
+            self.task.load_state_dict(state.get("task", {}))
         else:
             ckpt.restore_rng(ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt"))
+            path = self._task_state_path(self.dist.rank)
+            saved = ckpt.load_checkpoint(path) if path.exists() else {"step": None, "task": {}}
+            if saved["task"] and saved["step"] != self.state.step:
+                raise RunDirError(
+                    f"{path} holds the task state of step {saved['step']} but {LAST} is at step "
+                    f"{self.state.step}; the run was killed while saving: restart it without "
+                    f"--resume"
+                )
+            self.task.load_state_dict(saved["task"])
         # Lines written after this checkpoint are replayed by the resumed run: drop them.
         if self.dist.is_main:
             path = self.run_dir / METRICS
@@ -627,11 +648,13 @@ class Trainer:
                     global_batch,
                     seed=cfg["seed"],
                     epoch=self.state.epoch,
+                    shuffle=self.task.shuffle_train,
                     rank=self.dist.rank,
                     world_size=self.dist.world_size,
                     start_batch=self.state.batch_in_epoch,
                     num_batches=self.steps_per_epoch * accum,
                 )
+                self.task.begin_train_epoch(self.state.epoch, self.state.batch_in_epoch)
                 batches = iter(self._loader(self.train_set, sampler))
                 while self.state.step < total and not self.state.stopped_early:
                     self._optimizer_step([next(batches) for _ in range(accum)])
