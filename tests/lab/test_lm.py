@@ -36,7 +36,7 @@ from adanorm.lab.tasks.lm_data import (
     read_enwik8_zip,
 )
 from adanorm.lab.tasks.lm_model import TransformerXL, attention_mask, rel_shift
-from adanorm.lab.trainer import LAST, RunDirError, Trainer
+from adanorm.lab.trainer import LAST, Trainer
 
 REAL_DATA = os.environ.get("ADANORM_DATA")
 needs_real_data = pytest.mark.skipif(
@@ -367,7 +367,7 @@ def test_train_mode_is_checked_and_memory_segments_belong_to_warmup() -> None:
     assert SyntheticLM(synthetic_cfg("data.train_mode=warmup")).shuffle_train
     with pytest.raises(ValueError, match="data.train_mode must be one of stream, warmup"):
         SyntheticLM(synthetic_cfg("data.train_mode=ordered"))
-    with pytest.raises(ValueError, match="train_memory_segments=2 applies to data.train_mode=warmup"):
+    with pytest.raises(ValueError, match="segments=2 applies to data.train_mode=warmup"):
         SyntheticLM(synthetic_cfg("model.train_memory_segments=2"))
     warm = SyntheticLM(synthetic_cfg("data.train_mode=warmup", "model.train_memory_segments=2"))
     assert warm.memory_segments == 2
