@@ -1,0 +1,84 @@
+"""Time per update of the lm task's two training modes, paired in one process (issue 18).
+
+``data.train_mode=stream`` (memory carried across updates) and ``warmup`` (one gradient-free
+segment per example rebuilds the memory) are timed in alternating blocks of updates in the same
+process and thread, so both see the same machine load; each update is what the trainer does
+(fetch the batch, loss, backward, clip, Adam step).  Prints a Markdown table.
+
+    PYTHONPATH=src python results/lm/time_train_modes.py --preset cpu --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Iterator
+
+import torch
+
+from adanorm.lab.config import load_config
+from adanorm.lab.tasks.lm import TRAIN_MODES, LMTask
+from adanorm.lab.trainer import GlobalBatchSampler
+
+MODES = TRAIN_MODES  # ("stream", "warmup")
+
+
+def update_seconds(mode: str, preset: str, data_dir: str | None, seed: int) -> Iterator[float]:
+    """Seconds of each successive training update in ``mode`` (first epoch)."""
+    cfg = load_config("lm", preset, [f"data.train_mode={mode}", f"seed={seed}"])
+    torch.manual_seed(seed)
+    task = LMTask(cfg, data_dir)
+    model = task.build_model().train()
+    o = cfg["optim"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]),
+                                 eps=o["eps"])
+    train = task.dataset("train")
+    sampler = GlobalBatchSampler(len(train), cfg["data"]["batch_size"], seed=seed, epoch=0,
+                                 shuffle=task.shuffle_train)
+    task.begin_train_epoch(0, 0)
+    for indices in sampler:
+        started = time.perf_counter()
+        batch = task.collate(train.__getitems__(indices))
+        loss, _ = task.loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        yield time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed updates per mode first")
+    parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--block-updates", type=int, default=25)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    streams = {m: update_seconds(m, args.preset, args.data_dir, args.seed) for m in MODES}
+    for mode in MODES:
+        for _ in range(args.warmup):
+            next(streams[mode])
+    blocks: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(args.blocks):
+        for mode in MODES:
+            seconds = [next(streams[mode]) for _ in range(args.block_updates)]
+            blocks[mode].append(sum(seconds) / len(seconds))
+    ratios = [w / s for s, w in zip(blocks["stream"], blocks["warmup"], strict=True)]
+    print(f"preset {args.preset}, {args.threads} thread(s), {args.blocks} alternating blocks of "
+          f"{args.block_updates} updates per mode after {args.warmup} untimed ones")
+    print("| mode | ms / update (median of block means) | min | max |")
+    print("| --- | ---: | ---: | ---: |")
+    for mode in MODES:
+        ms = [1000 * b for b in blocks[mode]]
+        print(f"| {mode} | {statistics.median(ms):.1f} | {min(ms):.1f} | {max(ms):.1f} |")
+    print(f"warmup / stream time per update: median {statistics.median(ratios):.3f} "
+          f"(blocks: {min(ratios):.3f} to {max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()
