@@ -24,9 +24,11 @@ from adanorm.lab.trainer import GlobalBatchSampler
 MODES = TRAIN_MODES  # ("stream", "warmup")
 
 
-def update_seconds(mode: str, preset: str, data_dir: str | None, seed: int) -> Iterator[float]:
+def update_seconds(
+    mode: str, preset: str, overrides: list[str], data_dir: str | None, seed: int
+) -> Iterator[float]:
     """Seconds of each successive training update in ``mode`` (first epoch)."""
-    cfg = load_config("lm", preset, [f"data.train_mode={mode}", f"seed={seed}"])
+    cfg = load_config("lm", preset, [*overrides, f"data.train_mode={mode}", f"seed={seed}"])
     torch.manual_seed(seed)
     task = LMTask(cfg, data_dir)
     model = task.build_model().train()
@@ -51,6 +53,8 @@ def update_seconds(mode: str, preset: str, data_dir: str | None, seed: int) -> I
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. data.batch_size=1")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -59,7 +63,8 @@ def main() -> None:
     parser.add_argument("--block-updates", type=int, default=25)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    streams = {m: update_seconds(m, args.preset, args.data_dir, args.seed) for m in MODES}
+    streams = {m: update_seconds(m, args.preset, args.set, args.data_dir, args.seed)
+               for m in MODES}
     for mode in MODES:
         for _ in range(args.warmup):
             next(streams[mode])
@@ -69,7 +74,8 @@ def main() -> None:
             seconds = [next(streams[mode]) for _ in range(args.block_updates)]
             blocks[mode].append(sum(seconds) / len(seconds))
     ratios = [w / s for s, w in zip(blocks["stream"], blocks["warmup"], strict=True)]
-    print(f"preset {args.preset}, {args.threads} thread(s), {args.blocks} alternating blocks of "
+    print(f"preset {args.preset} {' '.join(args.set)}, {args.threads} thread(s), "
+          f"{args.blocks} alternating blocks of "
           f"{args.block_updates} updates per mode after {args.warmup} untimed ones")
     print("| mode | ms / update (median of block means) | min | max |")
     print("| --- | ---: | ---: | ---: |")
