@@ -25,3 +25,4 @@ for seed in 1 2; do
       "results/lm/runs/lm-train-modes/$mode/seed$seed/"
   done
 done
+python results/lm/train_modes_table.py "results/lm/runs/lm-train-modes"
