@@ -583,21 +583,35 @@ def _free_port() -> int:
 @needs_real_data
 @pytest.mark.skipif(not torch.distributed.is_available()
                     or not torch.distributed.is_gloo_available(), reason="no gloo")
-def test_stream_mode_two_gloo_processes_match_one(tmp_path: Path) -> None:
-    """8 global streams: 1 process reads all 8, 2 processes 4 each with their own memory."""
-    settings = ["--data-dir", REAL_DATA, "--set", "train.max_steps=12", "train.eval_every=6",
-                "train.log_every=2", "model.norm=adanorm"]
+def test_stream_mode_two_gloo_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
+    """8 global streams: 1 process reads all 8, 2 processes 4 each with their own memory; a
+    2-process run stopped inside an epoch (step 6 of 8) and resumed matches the uninterrupted one
+    (the constant schedule lets the stopped run end at step 6 and resume to 12)."""
+    settings = ["--data-dir", REAL_DATA, "--set", "train.eval_every=6", "train.log_every=2",
+                "model.norm=adanorm", "schedule.name=constant"]
     env = _cli_env()
-    subprocess.run([*CLI, "--run-dir", str(tmp_path / "one"), *settings], check=True, env=env,
-                   capture_output=True, timeout=300)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
-                str(_free_port())]
-    done = subprocess.run([*launcher, *CLI[1:], "--run-dir", str(tmp_path / "two"), *settings],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank1 = torch.load(tmp_path / "two" / "task_state_rank1.pt", weights_only=True)
-    assert rank1["step"] == 12 and rank1["task"]["mems"][0].shape[0] == 4  # its own 4 streams
+    subprocess.run([*CLI, "--run-dir", str(tmp_path / "one"), *settings, "train.max_steps=12"],
+                   check=True, env=env, capture_output=True, timeout=300)
+
+    def two_processes(run: str, max_steps: int, *flags: str) -> None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                    "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                    str(_free_port())]
+        done = subprocess.run([*launcher, *CLI[1:], "--run-dir", str(tmp_path / run), *flags,
+                               *settings, f"train.max_steps={max_steps}"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    two_processes("two", 12)
+    two_processes("cut", 6)
+    (tmp_path / "cut" / "results.json").unlink()
+    two_processes("cut", 12, "--resume")
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (
+        tmp_path / "two/metrics.jsonl").read_bytes()
+    kept = sorted(p.name for p in (tmp_path / "two").glob("task_state_rank*"))
+    assert kept == ["task_state_rank1_step000000012.pt"]  # the older steps' files are removed
+    rank1 = torch.load(tmp_path / "two" / kept[0], weights_only=True)
+    assert rank1["micro_batch"] == 4 and rank1["mems"][0].shape[0] == 4  # its own 4 streams
     assert torch.load(tmp_path / "two" / LAST, weights_only=True)["task"]["mems"][0].shape[0] == 4
     one = [json.loads(line) for line in (tmp_path / "one/metrics.jsonl").open()]
     two = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").open()]

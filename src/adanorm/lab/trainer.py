@@ -13,7 +13,7 @@ Run directory layout (written by the main process only)::
     metrics.jsonl        one JSON object per train log / evaluation / final test line
     checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
                          and the task's own training state (``Task.state_dict``; other DDP
-                         processes: ``task_state_rank<r>.pt``), e.g. the LM's carried memory
+                         processes: ``task_state_rank<r>_step<s>.pt``), e.g. the LM's memory
     checkpoint_best.pt   the model with the best validation metric
     checkpoint_avg_<step>.pt  with ``train.average_checkpoints`` N > 0: the weights at each of
                          the last N evaluations, averaged into the final model
@@ -350,12 +350,19 @@ class Trainer:
             ckpt.atomic_save(ckpt.capture_rng(), self.run_dir / f"rng_rank{self.dist.rank}.pt")
             task_state = self.task.state_dict()
             if task_state:  # e.g. the memory of this process's own LM streams
-                ckpt.atomic_save({"step": self.state.step, "task": task_state},
-                                 self._task_state_path(self.dist.rank))
+                ckpt.atomic_save(task_state, self._task_state_path(self.state.step))
         barrier()
+        if not self.dist.is_main:
+            # Only now is checkpoint_last.pt at this step: a kill before the barrier leaves the
+            # file of the step it still names.
+            current = self._task_state_path(self.state.step)
+            for old in self.run_dir.glob(f"task_state_rank{self.dist.rank}_step*.pt"):
+                if old != current:
+                    old.unlink()
 
-    def _task_state_path(self, rank: int) -> Path:
-        return self.run_dir / f"task_state_rank{rank}.pt"
+    def _task_state_path(self, step: int) -> Path:
+        """This process's task state at ``step`` (DDP ranks > 0; rank 0's is in the checkpoint)."""
+        return self.run_dir / f"task_state_rank{self.dist.rank}_step{step:09d}.pt"
 
     def _save_best(self) -> None:
         if self.dist.is_main:
@@ -383,15 +390,8 @@ class Trainer:
             self.task.load_state_dict(state.get("task", {}))
         else:
             ckpt.restore_rng(ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt"))
-            path = self._task_state_path(self.dist.rank)
-            saved = ckpt.load_checkpoint(path) if path.exists() else {"step": None, "task": {}}
-            if saved["task"] and saved["step"] != self.state.step:
-                raise RunDirError(
-                    f"{path} holds the task state of step {saved['step']} but {LAST} is at step "
-                    f"{self.state.step}; the run was killed while saving: restart it without "
-                    f"--resume"
-                )
-            self.task.load_state_dict(saved["task"])
+            path = self._task_state_path(self.state.step)
+            self.task.load_state_dict(ckpt.load_checkpoint(path) if path.exists() else {})
         # Lines written after this checkpoint are replayed by the resumed run: drop them.
         if self.dist.is_main:
             path = self.run_dir / METRICS
