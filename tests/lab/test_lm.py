@@ -10,6 +10,11 @@ import hashlib
 import json
 import math
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -26,11 +31,12 @@ from adanorm.lab.tasks.lm_data import (
     Corpus,
     EvalStreams,
     SegmentWindows,
+    TrainStreams,
     enwik8_corpus,
     read_enwik8_zip,
 )
 from adanorm.lab.tasks.lm_model import TransformerXL, attention_mask, rel_shift
-from adanorm.lab.trainer import Trainer
+from adanorm.lab.trainer import LAST, Trainer
 
 REAL_DATA = os.environ.get("ADANORM_DATA")
 needs_real_data = pytest.mark.skipif(
@@ -161,6 +167,23 @@ def test_segment_windows_tile_the_split() -> None:
         windows.__getitems__([len(windows)])
 
 
+def test_train_streams_keep_each_row_on_its_own_contiguous_stream() -> None:
+    ids = torch.arange(50, dtype=torch.uint8)
+    streams = TrainStreams(ids, n_streams=3, tgt_len=4)  # streams of 16: [0, 16), [16, 32), ...
+    assert streams.segments_per_stream == 3 and len(streams) == 9
+    first, second = streams.__getitems__([0, 1, 2]), streams.__getitems__([3, 4, 5])
+    assert first.dtype == torch.long and first.shape == (3, 5)
+    assert first[:, 0].tolist() == [0, 16, 32] and second[:, 0].tolist() == [4, 20, 36]
+    assert second[:, 0].equal(first[:, -1])  # each row continues its own stream
+    assert streams.__getitems__([8])[0].tolist() == list(range(40, 45))
+    # A DDP process owning streams 1..2 reads the same rows in every batch.
+    assert streams.__getitems__([4, 5])[:, 0].tolist() == [20, 36]
+    with pytest.raises(IndexError):
+        streams.__getitems__([9])
+    with pytest.raises(ValueError, match="too short for 3 streams"):
+        TrainStreams(torch.arange(14, dtype=torch.uint8), n_streams=3, tgt_len=4)
+
+
 def test_eval_streams_cut_the_split_into_equal_rows() -> None:
     streams = EvalStreams(torch.arange(23, dtype=torch.uint8), 4)
     assert len(streams) == 4 and streams.__getitems__([1, 3]).tolist() == [
@@ -263,7 +286,7 @@ def synthetic_cfg(*overrides: str) -> dict:
 
 def test_training_loss_uses_memory_of_the_preceding_segment() -> None:
     """With memory covering the warm-up, the loss equals that of one pass over the window."""
-    task = SyntheticLM(synthetic_cfg())
+    task = SyntheticLM(synthetic_cfg("data.train_mode=warmup"))
     model = task.build_model().eval()
     batch = task.collate(task.dataset("train").__getitems__([0, 3, 5]))
     assert batch.shape == (3, 2 * task.tgt_len + 1)
@@ -336,3 +359,272 @@ def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
     assert out.stat().st_size > 1000
     with pytest.raises(ValueError, match="no runs"):
         plot_bpc_figure(tmp_path / "sweep", tmp_path / "x.png", norms=("adanorm",))
+
+
+# --- stream mode: memory carried across updates ---------------------------------------------------
+def stream_pair_losses(task: LMTask, model: TransformerXL, batches: list[torch.Tensor]) -> list:
+    task.begin_train_epoch(0, 0)
+    return [float(task.loss(model, batch)[0]) for batch in batches]
+
+
+def test_train_mode_is_checked_and_memory_segments_belong_to_warmup() -> None:
+    assert SyntheticLM(synthetic_cfg()).train_mode == "stream"
+    assert not SyntheticLM(synthetic_cfg()).shuffle_train
+    assert SyntheticLM(synthetic_cfg("data.train_mode=warmup")).shuffle_train
+    with pytest.raises(ValueError, match="data.train_mode must be one of stream, warmup"):
+        SyntheticLM(synthetic_cfg("data.train_mode=ordered"))
+    with pytest.raises(ValueError, match="segments=2 applies to data.train_mode=warmup"):
+        SyntheticLM(synthetic_cfg("model.train_memory_segments=2"))
+    warm = SyntheticLM(synthetic_cfg("data.train_mode=warmup", "model.train_memory_segments=2"))
+    assert warm.memory_segments == 2
+    for preset in ("smoke", "cpu", "paper"):
+        assert load_config("lm", preset)["data"]["train_mode"] == "stream"
+
+
+def test_memory_of_mem_len_0_and_carried_memory_differ_exactly_where_they_should() -> None:
+    """First segment: no memory yet, both models agree.  Second segment: the carried memory (one
+    whole previous segment) gives exactly the logits of one pass over both segments, mem_len 0
+    those of the second segment alone."""
+    carried_task = SyntheticLM(synthetic_cfg())
+    plain_task = SyntheticLM(synthetic_cfg("model.mem_len=0"))
+    carried = carried_task.build_model().eval()
+    with torch.no_grad():  # weights far from the near-uniform init, so that context matters
+        for weight in carried.parameters():
+            if weight.dim() > 1:
+                weight.normal_(0.0, 0.3)
+    plain = plain_task.build_model().eval()
+    plain.load_state_dict(carried.state_dict())
+    train = carried_task.dataset("train")
+    n = train.n_streams
+    batches = [train.__getitems__(list(range(b * n, (b + 1) * n))) for b in range(2)]
+    with torch.no_grad():
+        with_memory = stream_pair_losses(carried_task, carried, batches)
+        without = stream_pair_losses(plain_task, plain, batches)
+        both = torch.cat([batches[0][:, :-1], batches[1][:, :-1]], dim=1)
+        whole, _ = carried(both, mem_len=0)
+        alone, _ = carried(batches[1][:, :-1], mem_len=0)
+    t = carried_task.tgt_len
+    targets = batches[1][:, 1:].reshape(-1)
+    expected_carried = nn.functional.cross_entropy(whole[:, t:].reshape(-1, 96), targets)
+    expected_plain = nn.functional.cross_entropy(alone.reshape(-1, 96), targets)
+    assert with_memory[0] == pytest.approx(without[0], abs=1e-6)
+    assert with_memory[1] == pytest.approx(float(expected_carried), rel=1e-5)
+    assert without[1] == pytest.approx(float(expected_plain), rel=1e-5)
+    assert abs(with_memory[1] - without[1]) > 0.05
+    assert plain_task.state_dict()["mems"] == []
+
+
+def test_the_memory_of_one_stream_never_mixes_with_another() -> None:
+    task = SyntheticLM(synthetic_cfg())
+    model = task.build_model().eval()
+    train = task.dataset("train")
+    n = train.n_streams
+    batches = [train.__getitems__(list(range(b * n, (b + 1) * n))) for b in range(2)]
+    changed = [batches[0].clone(), batches[1]]
+    changed[0][3, :-1] = (changed[0][3, :-1] + 5) % 96  # stream 3's first segment, not its target
+    with torch.no_grad():
+        stream_pair_losses(task, model, batches)
+        reference = task.state_dict()["mems"]
+        stream_pair_losses(task, model, changed)
+        perturbed = task.state_dict()["mems"]
+    # The memory after the second segment: layer 0's is that segment's embedding (unchanged in
+    # every row); the higher layers' attended to the first segment's memory, so only row 3 moves.
+    others = [s for s in range(n) if s != 3]
+    assert reference[0].equal(perturbed[0])
+    for a, b in zip(reference[1:], perturbed[1:], strict=True):
+        assert a[others].equal(b[others]) and not a[3].allclose(b[3])
+
+
+@register_task("lm-synthetic-recording-test")
+class RecordingSyntheticLM(SyntheticLM):
+    """Records, for every training forward pass, the tokens, the memory passed in and each
+    layer's input states (what the memory of the next segment must be made of)."""
+
+    calls: list[dict] = []
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        calls = RecordingSyntheticLM.calls
+
+        def before_model(module, args):
+            if module.training:
+                mems = args[1] if len(args) > 1 else None
+                calls.append({"tokens": args[0].clone(), "mems": [m.clone() for m in mems or []],
+                              "layer_inputs": []})
+
+        def before_layer(module, args):
+            if module.training:
+                calls[-1]["layer_inputs"].append(args[0].detach().clone())
+
+        model.register_forward_pre_hook(before_model)
+        for layer in model.layers:
+            layer.register_forward_pre_hook(before_layer)
+        return model
+
+
+def test_memory_passed_to_update_t_plus_1_is_update_t_hidden_states(tmp_path: Path) -> None:
+    RecordingSyntheticLM.calls.clear()
+    cfg = synthetic_cfg("train.max_steps=12", "train.eval_every=100", "optim.lr=0.01")
+    cfg["task"] = "lm-synthetic-recording-test"
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    calls = RecordingSyntheticLM.calls
+    task = SyntheticLM(synthetic_cfg())
+    train_ids, n, t, mem_len = task.corpus().train.long(), 8, task.tgt_len, task.mem_len
+    stream_len = train_ids.numel() // n
+    per_epoch = (stream_len - 1) // t
+    assert len(calls) == 12 and per_epoch == 8
+    for step, call in enumerate(calls):
+        segment = step % per_epoch
+        for s in range(n):  # row s is always stream s, read in order
+            start = s * stream_len + segment * t
+            assert call["tokens"][s].equal(train_ids[start : start + t])
+        if segment == 0:
+            assert call["mems"] == []  # every epoch starts with empty memory
+            continue
+        previous = calls[step - 1]["layer_inputs"]
+        assert len(call["mems"]) == len(previous) == 2
+        for mem, hidden in zip(call["mems"], previous, strict=True):
+            assert mem.equal(hidden[:, -mem_len:])
+
+
+def test_stream_mode_resumes_exactly_after_a_crash(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory is in the checkpoint: a run cut inside an epoch replays the same bytes."""
+    overrides = ("train.max_steps=14", "train.checkpoint_every=3", "train.log_every=2",
+                 "train.eval_every=5", "optim.lr=0.01")
+    Trainer(synthetic_cfg(*overrides), tmp_path / "full", progress=False).fit()
+
+    class Killed(Exception):
+        pass
+
+    original = Trainer._optimizer_step
+
+    def crashing(self, batches):
+        original(self, batches)
+        if self.state.step == 13:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
+    with pytest.raises(Killed):
+        Trainer(synthetic_cfg(*overrides), tmp_path / "cut", progress=False).fit()
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    saved = torch.load(tmp_path / "cut" / LAST, weights_only=True)
+    assert saved["trainer"]["step"] == 12 and saved["task"]["micro_batch"] == 4  # mid-epoch
+    assert len(saved["task"]["mems"]) == 2 and saved["task"]["mems"][0].shape == (8, 32, 32)
+    Trainer(synthetic_cfg(*overrides), tmp_path / "cut", resume=True, progress=False).fit()
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (
+        tmp_path / "full/metrics.jsonl").read_bytes()
+
+
+def test_resuming_a_stream_run_without_its_memory_is_refused(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    overrides = ("train.max_steps=14", "train.checkpoint_every=3", "train.eval_every=100")
+    original = Trainer._optimizer_step
+
+    def crashing(self, batches):
+        original(self, batches)
+        if self.state.step == 13:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(synthetic_cfg(*overrides), tmp_path / "run", progress=False).fit()
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    last = tmp_path / "run" / LAST
+    saved = torch.load(last, weights_only=True)
+    with pytest.raises(ValueError, match="resume with data.train_mode=stream"):
+        Trainer(synthetic_cfg(*overrides, "data.train_mode=warmup"), tmp_path / "run",
+                resume=True, progress=False).fit()
+    saved.pop("task")  # a checkpoint written before the memory was saved
+    torch.save(saved, last)
+    with pytest.raises(RuntimeError, match="checkpoint's memory is for None"):
+        Trainer(synthetic_cfg(*overrides), tmp_path / "run", resume=True, progress=False).fit()
+
+
+def _cli_env() -> dict[str, str]:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
+                                           env.get("PYTHONPATH", "")])}
+
+
+CLI = [sys.executable, "-m", "adanorm.lab.cli", "train", "lm", "--preset", "smoke",
+       "--no-progress"]
+
+
+@needs_real_data
+def test_stream_mode_sigkilled_and_resumed_writes_the_same_bytes(tmp_path: Path) -> None:
+    """A real kill -9 of ``adanorm train lm`` inside an epoch, then ``--resume``."""
+    settings = ["--data-dir", REAL_DATA, "--set", "train.max_steps=40", "train.eval_every=20",
+                "train.checkpoint_every=3", "train.log_every=2"]
+    env = _cli_env()
+    subprocess.run([*CLI, "--run-dir", str(tmp_path / "full"), *settings], check=True, env=env,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen([*CLI, "--run-dir", str(tmp_path / "cut"), *settings], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / LAST
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        with contextlib.suppress(Exception):  # the file may be mid-rename
+            if last.exists() and torch.load(last, weights_only=True)["trainer"]["step"] >= 12:
+                break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut/results.json").exists(), "the run finished before it was killed"
+    subprocess.run([*CLI, "--run-dir", str(tmp_path / "cut"), "--resume", *settings],
+                   check=True, env=env, capture_output=True, timeout=300)
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (
+        tmp_path / "full/metrics.jsonl").read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@needs_real_data
+@pytest.mark.skipif(not torch.distributed.is_available()
+                    or not torch.distributed.is_gloo_available(), reason="no gloo")
+def test_stream_mode_two_gloo_processes_match_one_and_resume_exactly(tmp_path: Path) -> None:
+    """8 global streams: 1 process reads all 8, 2 processes 4 each with their own memory; a
+    2-process run stopped inside an epoch (step 6 of 8) and resumed matches the uninterrupted one
+    (the constant schedule lets the stopped run end at step 6 and resume to 12)."""
+    settings = ["--data-dir", REAL_DATA, "--set", "train.eval_every=6", "train.log_every=2",
+                "model.norm=adanorm", "schedule.name=constant"]
+    env = _cli_env()
+    subprocess.run([*CLI, "--run-dir", str(tmp_path / "one"), *settings, "train.max_steps=12"],
+                   check=True, env=env, capture_output=True, timeout=300)
+
+    def two_processes(run: str, max_steps: int, *flags: str) -> None:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                    "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
+                    str(_free_port())]
+        done = subprocess.run([*launcher, *CLI[1:], "--run-dir", str(tmp_path / run), *flags,
+                               *settings, f"train.max_steps={max_steps}"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    two_processes("two", 12)
+    two_processes("cut", 6)
+    (tmp_path / "cut" / "results.json").unlink()
+    two_processes("cut", 12, "--resume")
+    assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (
+        tmp_path / "two/metrics.jsonl").read_bytes()
+    kept = sorted(p.name for p in (tmp_path / "two").glob("task_state_rank*"))
+    assert kept == ["task_state_rank1_step000000012.pt"]  # the older steps' files are removed
+    rank1 = torch.load(tmp_path / "two" / kept[0], weights_only=True)
+    assert rank1["micro_batch"] == 4 and rank1["mems"][0].shape[0] == 4  # its own 4 streams
+    assert torch.load(tmp_path / "two" / LAST, weights_only=True)["task"]["mems"][0].shape[0] == 4
+    one = [json.loads(line) for line in (tmp_path / "one/metrics.jsonl").open()]
+    two = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").open()]
+    assert [(r["split"], r["step"]) for r in one] == [(r["split"], r["step"]) for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert a["bpc"] == pytest.approx(b["bpc"], rel=1e-4, abs=1e-4), (a, b)
+    wa = torch.load(tmp_path / "one" / LAST, weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / LAST, weights_only=True)["model"]
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)

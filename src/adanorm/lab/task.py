@@ -116,6 +116,11 @@ class Task:
     test_metric: ClassVar[str] = "loss"
     #: How the test metric is labelled in tables ("accuracy (%)", "BLEU", "BPC").
     test_metric_label: ClassVar[str] = "loss"
+    #: Whether the trainer draws the training examples in a shuffled order (a function of
+    #: ``(seed, epoch)``).  A task that reads them in index order and carries state from one
+    #: update to the next (the LM's stream mode) sets it False and keeps that state in
+    #: :meth:`state_dict`, which goes into every checkpoint.
+    shuffle_train: bool = True
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         self.cfg = cfg
@@ -185,6 +190,25 @@ class Task:
         """Additive statistics of one evaluation batch: the loss's by default.  Override to add
         statistics that need more than the loss (e.g. decoding)."""
         return self.loss(model, batch)[1]
+
+    # --- training state carried across updates ------------------------------------------------
+    def begin_train_epoch(self, epoch: int, start_batch: int) -> None:
+        """Called before the trainer draws micro-batch ``start_batch`` of epoch ``epoch``: 0 at the
+        start of an epoch, more when a run resumes inside one."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state this process carries across updates (plain data and tensors), saved in
+        every checkpoint and handed back to :meth:`load_state_dict` on resume.  Stateless tasks
+        return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(
+                f"task {self.name!r} keeps no training state, but the checkpoint holds "
+                f"{sorted(state)}: it was written by another task or version"
+            )
 
     # --- outputs --------------------------------------------------------------------------------
     def results_extra(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ Run directory layout (written by the main process only)::
     run.json             git commit, seed, library versions, device, world size, command line
     metrics.jsonl        one JSON object per train log / evaluation / final test line
     checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
+                         and the task's own training state (``Task.state_dict``; other DDP
+                         processes: ``task_state_rank<r>_step<s>.pt``), e.g. the LM's memory
     checkpoint_best.pt   the model with the best validation metric
     checkpoint_avg_<step>.pt  with ``train.average_checkpoints`` N > 0: the weights at each of
                          the last N evaluations, averaged into the final model
@@ -19,7 +21,8 @@ Run directory layout (written by the main process only)::
                          totals and throughput (e.g. target tokens per second); marks a finished
                          run
 
-Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)``; a checkpoint
+Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)`` (shuffled, or
+in index order for a task with ``shuffle_train = False``); a checkpoint
 records the position inside the epoch, every RNG state and the byte length of ``metrics.jsonl``.
 Resuming truncates ``metrics.jsonl`` to that length and replays the remaining steps, so a run that
 was killed and resumed writes exactly the lines an uninterrupted run writes.  A ``metrics.jsonl``
@@ -439,11 +442,26 @@ class Trainer:
                 "rng": ckpt.capture_rng(),
                 "metrics_bytes": self._metrics_size(),
                 "config": json.loads(json.dumps(self.cfg)),
+                "task": self.task.state_dict(),
             }
             ckpt.atomic_save(state, self.run_dir / LAST)
         else:  # each process has its own dropout stream; the main process saves only its own
             ckpt.atomic_save(ckpt.capture_rng(), self.run_dir / f"rng_rank{self.dist.rank}.pt")
+            task_state = self.task.state_dict()
+            if task_state:  # e.g. the memory of this process's own LM streams
+                ckpt.atomic_save(task_state, self._task_state_path(self.state.step))
         barrier()
+        if not self.dist.is_main:
+            # Only now is checkpoint_last.pt at this step: a kill before the barrier leaves the
+            # file of the step it still names.
+            current = self._task_state_path(self.state.step)
+            for old in self.run_dir.glob(f"task_state_rank{self.dist.rank}_step*.pt"):
+                if old != current:
+                    old.unlink()
+
+    def _task_state_path(self, step: int) -> Path:
+        """This process's task state at ``step`` (DDP ranks > 0; rank 0's is in the checkpoint)."""
+        return self.run_dir / f"task_state_rank{self.dist.rank}_step{step:09d}.pt"
 
     def _save_best(self) -> None:
         if self.dist.is_main:
@@ -468,10 +486,13 @@ class Trainer:
         self.state = TrainState(**state["trainer"])
         if self.dist.rank == 0:
             ckpt.restore_rng(state["rng"])
+            self.task.load_state_dict(state.get("task", {}))
         else:
             ckpt.restore_rng(
                 ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt", ["python"])
             )
+            path = self._task_state_path(self.state.step)
+            self.task.load_state_dict(ckpt.load_checkpoint(path) if path.exists() else {})
         # Lines written after this checkpoint are replayed by the resumed run: drop them.
         if self.dist.is_main:
             path = self.run_dir / METRICS
@@ -789,11 +810,13 @@ class Trainer:
                     global_batch,
                     seed=cfg["seed"],
                     epoch=self.state.epoch,
+                    shuffle=self.task.shuffle_train,
                     rank=self.dist.rank,
                     world_size=self.dist.world_size,
                     start_batch=self.state.batch_in_epoch,
                     num_batches=self.steps_per_epoch * accum,
                 )
+                self.task.begin_train_epoch(self.state.epoch, self.state.batch_in_epoch)
                 batches = iter(self._loader(self.train_set, sampler))
                 while self.state.step < total and not self.state.stopped_early:
                     self._optimizer_step([next(batches) for _ in range(accum)])

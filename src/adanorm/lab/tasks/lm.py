@@ -5,15 +5,20 @@ Datasets: ``tiny_shakespeare`` (the CPU-scale stand-in; BPC per character) and `
 pipeline, newlines dropped; BPC per character) — see :mod:`.lm_data`.  The protocol is part of
 :attr:`LMTask.test_metric_label`, so it is written next to every number.
 
-**Memory during training.**  The reference trains on the split cut into ``batch_size`` contiguous
-streams, read in order, and carries each step's memory into the next step.  The lab's trainer
-shuffles examples (any order must give the same result, for exact resume and DDP), so the memory
-cannot come from the previous optimizer step.  Instead each training example is a window of
-``train_memory_segments`` preceding segments plus the segment to learn: the preceding segments
-are run first without gradient, carrying memory from one to the next, and the memory they leave
-feeds the trained segment.  The memory is therefore what the reference would have — the detached
-hidden states of the preceding text — computed by the current parameters instead of those of one
-step earlier, at the price of one gradient-free forward pass per warm-up segment.
+**Memory during training** (``data.train_mode``):
+
+* ``stream`` (the presets' default; the reference's loop): the train split is cut into
+  ``data.batch_size`` contiguous streams (:class:`~.lm_data.TrainStreams`), the trainer reads them
+  in order (:attr:`LMTask.shuffle_train` is False), each DDP process owning its slice of the
+  streams, and the detached memory that segment ``b`` of a stream leaves is the memory of its
+  segment ``b + 1``, one update later (with ``optim.accum_steps`` > 1, one micro-batch later).
+  The memory is reset at the start of every epoch, as the reference's ``train()``.  The memory and
+  the stream position are :meth:`LMTask.state_dict`, saved in every checkpoint for exact resume.
+* ``warmup``: each training example is a window of ``model.train_memory_segments`` preceding
+  segments plus the segment to learn, in the trainer's shuffled order; the preceding segments are
+  run first without gradient, carrying memory, and the memory they leave feeds the trained
+  segment (memory from the current parameters, one segment deep; one extra forward pass per
+  warm-up segment).
 
 **Evaluation** reads each split as ``data.eval_streams`` contiguous streams, segment by segment
 (``model.eval_tgt_len``), carrying memory (``model.eval_mem_len``, ``model.eval_clamp_len``,
@@ -41,13 +46,17 @@ from .lm_data import (
     Corpus,
     EvalStreams,
     SegmentWindows,
+    TrainStreams,
     enwik8_corpus,
     load_tiny_shakespeare,
     read_enwik8_zip,
 )
 from .lm_model import Mems, TransformerXL
 
-__all__ = ["LMTask", "TINY_SHAKESPEARE", "ENWIK8"]
+__all__ = ["LMTask", "TINY_SHAKESPEARE", "ENWIK8", "TRAIN_MODES"]
+
+#: ``data.train_mode``: memory carried along ordered streams, or rebuilt per shuffled window.
+TRAIN_MODES = ("stream", "warmup")
 
 TINY_SHAKESPEARE = register_dataset(
     DatasetInfo(
@@ -97,6 +106,9 @@ class LMTask(Task):
             "protocol": Str("txl", "enwik8: raw (bytes) or txl (newlines dropped); "
                             "tiny_shakespeare: chars", choices=("chars", *ENWIK8_PROTOCOLS)),
             "eval_streams": Int(10, "the split is read as this many contiguous streams", low=1),
+            "train_mode": Str("stream", "stream: memory carried across updates along ordered "
+                              "streams (the reference); warmup: rebuilt per shuffled window",
+                              choices=TRAIN_MODES),
             "download": Bool(False, "fetch missing files into the data root (sha256-checked)"),
         },
         model={
@@ -113,8 +125,9 @@ class LMTask(Task):
             "mem_len": Int(512, low=0),
             "clamp_len": Int(-1, "-1: no clamping", low=-1),
             "same_length": Bool(False),
-            "train_memory_segments": Int(1, "segments run without gradient to fill the memory",
-                                         low=0),
+            "train_memory_segments": Int(None, "warmup mode: segments run without gradient to "
+                                         "fill the memory (null: ceil(mem_len / tgt_len))",
+                                         low=0, nullable=True),
             "eval_tgt_len": Int(80, low=1),
             "eval_mem_len": Int(2100, low=0),
             "eval_clamp_len": Int(820, "-1: no clamping", low=-1),
@@ -131,11 +144,31 @@ class LMTask(Task):
         m = cfg["model"]
         self.tgt_len = self._positive_int(m, "tgt_len")
         self.mem_len = int(m["mem_len"])
-        self.memory_segments = int(m["train_memory_segments"])
-        if self.memory_segments < 0:
+        self.train_mode = cfg["data"]["train_mode"]
+        if self.train_mode not in TRAIN_MODES:
             raise ValueError(
-                f"model.train_memory_segments must be >= 0, got {self.memory_segments}"
+                f"data.train_mode must be one of {', '.join(TRAIN_MODES)}, got {self.train_mode!r}"
             )
+        segments = m["train_memory_segments"]
+        if self.train_mode == "stream":
+            if segments is not None:
+                raise ValueError(
+                    f"model.train_memory_segments={segments!r} applies to data.train_mode=warmup "
+                    f"only; the stream mode carries memory across updates: set it to null or "
+                    f"use data.train_mode=warmup"
+                )
+            self.memory_segments = 0
+        elif segments is None:
+            self.memory_segments = math.ceil(self.mem_len / self.tgt_len) if self.mem_len else 0
+        elif isinstance(segments, int) and not isinstance(segments, bool) and segments >= 0:
+            self.memory_segments = segments
+        else:
+            raise ValueError(f"model.train_memory_segments must be an int >= 0, got {segments!r}")
+        # Stream mode: the trainer reads the streams in order, and the memory of this process's
+        # streams (one tensor per layer) is carried from each training segment to the next.
+        self.shuffle_train = self.train_mode != "stream"
+        self._stream_mems: Mems = []
+        self._stream_position: tuple[int, int] | None = None  # (epoch, next micro-batch)
         self.eval_lengths = {
             "mem_len": int(m["eval_mem_len"]),
             "clamp_len": int(m["eval_clamp_len"]),
@@ -178,6 +211,8 @@ class LMTask(Task):
 
     def dataset(self, split: str) -> Dataset:
         ids = self.corpus().split(split)
+        if split == "train" and self.train_mode == "stream":
+            return TrainStreams(ids, int(self.cfg["data"]["batch_size"]), self.tgt_len)
         if split == "train":
             return SegmentWindows(ids, self.tgt_len, self.memory_segments * self.tgt_len)
         return EvalStreams(ids, int(self.cfg["data"]["eval_streams"]))
@@ -212,7 +247,11 @@ class LMTask(Task):
 
     # --- criterion ------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch: Tensor) -> tuple[Tensor, Stats]:
-        """Warm the memory up on the window's leading segments, then learn its last segment."""
+        """Learn one training segment per row: with the memory carried from the same stream's
+        previous segment (stream mode), or after warming the memory up on the window's leading
+        segments (warmup mode)."""
+        if self.train_mode == "stream":
+            return self._stream_loss(model, batch)
         context = batch.shape[1] - 1 - self.tgt_len
         mems: Mems | None = None
         if context > 0:
@@ -222,9 +261,62 @@ class LMTask(Task):
         inputs = batch[:, context : context + self.tgt_len]
         targets = batch[:, context + 1 :]
         logits, _ = model(inputs, mems)
+        return self._segment_loss(logits, targets)
+
+    @staticmethod
+    def _segment_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Stats]:
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
         count = targets.numel()
         return nll, {"nll_sum": nll.detach().double() * count, "symbols": float(count)}
+
+    def _stream_loss(self, model: nn.Module, batch: Tensor) -> tuple[Tensor, Stats]:
+        if self._stream_position is None:
+            raise RuntimeError("lm stream mode: begin_train_epoch was not called before training")
+        mems = [m.to(batch.device) for m in self._stream_mems]
+        if mems and mems[0].shape[0] != batch.shape[0]:
+            raise RuntimeError(
+                f"lm stream mode: a batch of {batch.shape[0]} streams but memory for "
+                f"{mems[0].shape[0]}; the streams must keep their rows from update to update"
+            )
+        logits, self._stream_mems = model(batch[:, :-1], mems)
+        epoch, position = self._stream_position
+        self._stream_position = (epoch, position + 1)
+        return self._segment_loss(logits, batch[:, 1:])
+
+    # --- training state: the carried memory ---------------------------------------------------
+    def begin_train_epoch(self, epoch: int, start_batch: int) -> None:
+        """Stream mode: a new epoch starts with empty memory (as the reference's ``train()``);
+        a resumed one continues with the memory its checkpoint saved."""
+        if self.train_mode != "stream":
+            return
+        if start_batch == 0:
+            self._stream_mems, self._stream_position = [], (epoch, 0)
+        elif self._stream_position != (epoch, start_batch):
+            raise RuntimeError(
+                f"lm stream mode: resuming at epoch {epoch}, micro-batch {start_batch}, but the "
+                f"checkpoint's memory is for {self._stream_position} (epoch, micro-batch); "
+                f"a checkpoint from a warmup-mode or older run cannot resume in stream mode: "
+                f"restart it, or resume with data.train_mode=warmup"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.train_mode != "stream" or self._stream_position is None:
+            return {}
+        epoch, position = self._stream_position
+        return {"epoch": epoch, "micro_batch": position,
+                "mems": [m.detach().to("cpu").clone() for m in self._stream_mems]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            self._stream_mems, self._stream_position = [], None
+            return
+        if self.train_mode != "stream":
+            raise ValueError(
+                "the checkpoint holds stream-mode memory but data.train_mode is "
+                f"{self.train_mode!r}: resume with data.train_mode=stream"
+            )
+        self._stream_position = (int(state["epoch"]), int(state["micro_batch"]))
+        self._stream_mems = list(state["mems"])
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         symbols = stats.get("symbols", 0.0)

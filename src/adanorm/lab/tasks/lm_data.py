@@ -38,6 +38,7 @@ __all__ = [
     "read_enwik8_zip",
     "enwik8_corpus",
     "SegmentWindows",
+    "TrainStreams",
     "EvalStreams",
 ]
 
@@ -166,6 +167,46 @@ class SegmentWindows(Dataset):
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.count):
             raise IndexError(f"window index out of range 0..{self.count - 1}")
         starts = idx * self.tgt_len  # = start - context
+        return self.ids[starts[:, None] + self._offsets].long()
+
+
+class TrainStreams(Dataset):
+    """Training segments of ``n_streams`` contiguous streams in reading order (the reference's
+    ``LMOrderedIterator`` over the train split).
+
+    The split is cut into ``n_streams`` equally long streams (the remainder is dropped).  Example
+    ``i`` is segment ``i // n_streams`` of stream ``i % n_streams``: ``tgt_len + 1`` ids, inputs
+    and targets one apart.  Read in index order ``n_streams`` at a time, batch ``b`` holds segment
+    ``b`` of every stream, and its row ``s`` continues row ``s`` of batch ``b - 1``; a DDP process
+    taking the ``r``-th equal slice of each batch owns the same streams throughout.  A stream's
+    last incomplete segment is dropped (the reference reads it as a shorter one).
+    """
+
+    def __init__(self, ids: Tensor, n_streams: int, tgt_len: int) -> None:
+        if n_streams <= 0 or tgt_len <= 0:
+            raise ValueError(f"need n_streams > 0 and tgt_len > 0, got {n_streams}, {tgt_len}")
+        self.stream_len = ids.numel() // n_streams
+        self.segments_per_stream = max((self.stream_len - 1) // tgt_len, 0)
+        if self.segments_per_stream == 0:
+            raise ValueError(
+                f"a train split of {ids.numel()} symbols is too short for {n_streams} streams of "
+                f"at least {tgt_len + 1} symbols (data.batch_size x model.tgt_len)"
+            )
+        self.ids, self.n_streams, self.tgt_len = ids, n_streams, tgt_len
+        self._offsets = torch.arange(tgt_len + 1)
+
+    def __len__(self) -> int:
+        return self.n_streams * self.segments_per_stream
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"segment index out of range 0..{len(self) - 1}")
+        stream, segment = idx % self.n_streams, idx // self.n_streams
+        starts = stream * self.stream_len + segment * self.tgt_len
         return self.ids[starts[:, None] + self._offsets].long()
 
 
