@@ -4,14 +4,15 @@
 #      bandwidth and the end-to-end lm step (bounded to 6 minutes);
 #   2. benchmarks/gpu_lab_smoke.py: every task on CUDA under bf16 and fp16 autocast (2.5 minutes).
 #
-#   bash benchmarks/gpu_check.sh DATA_DIR       # from the repository root, on a CUDA machine
+#   bash benchmarks/gpu_check.sh DATA_DIR [gpu_check.py options, e.g. --skip tuning]
 #
 # Needs a CUDA build of torch with triton, and the lab's dependencies.  Writes gpu_check.json,
 # gpu_lab_smoke.json and the logs into $OUT if set, else benchmarks/results/.  Record the printed
 # device and numbers in docs/performance.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-data_dir=${1:?usage: bash benchmarks/gpu_check.sh DATA_DIR}
+data_dir=${1:?usage: bash benchmarks/gpu_check.sh DATA_DIR [gpu_check.py options]}
+shift
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -23,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 "$py" -c "from adanorm import _kernels; _kernels.cpu_kernels_ready()" &
 "$py" -c "from adanorm import _kernels; print('CUDA library:', _kernels.build_cuda_library())" &
 wait
-timeout 360 "$py" benchmarks/gpu_check.py --json "$out/gpu_check.json" 2>&1 \
+timeout 360 "$py" benchmarks/gpu_check.py --json "$out/gpu_check.json" "$@" 2>&1 \
     | tee "$out/gpu_check.log"
 check=${PIPESTATUS[0]}
 timeout 150 "$py" benchmarks/gpu_lab_smoke.py --data-dir "$data_dir" \
