@@ -634,6 +634,13 @@ class _NormFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
+def _cuda_cpp_norm(
+    x: Tensor, eps: float, unbiased: bool, detach_mean: bool, detach_std: bool,
+    scale: float | None, k: float,
+) -> Tensor:
+    return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
+
+
 def _normalize(
     input: Tensor,
     normalized_shape: ShapeLike,
@@ -676,10 +683,13 @@ def _normalize(
 
     if backend in (CUDA_CPP, TRITON):
         # The CUDA kernels take any leading shape: no reshape, so no view nodes in the graph.
-        out = _kernels.cuda_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
+        kernel = _kernels.cuda_backend(width, input.element_size())
+        if kernel == CUDA_CPP:
+            out = _cuda_cpp_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
+        else:
+            out = _kernels.cuda_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
         if out is not None:
             if not compiling:
-                kernel = _kernels.cuda_backend(width)
                 _record((device_type, input.dtype, kernel, affine, unbiased, detach_mean,
                          detach_std, ada), _WHY_CUDA_CPP if kernel == CUDA_CPP else _WHY_TRITON)
             return out

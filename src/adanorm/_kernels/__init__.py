@@ -51,6 +51,7 @@ __all__ = [
     "cuda_kernels_ready",
     "cuda_norm",
     "cuda_backend",
+    "cuda_cpp_takes",
     "cuda_status",
     "CUDA_MAX_WIDTH",
     "CUDA_SOURCE_PATH",
@@ -78,9 +79,9 @@ _cuda_library: str | None = None
 _CUDA_BACKEND_ENV = "ADANORM_CUDA_BACKEND"
 CUDA_SOURCE_PATH = Path(__file__).with_name("norm_cuda.cu")
 CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 512 threads x 32 elements in registers
-# Beyond this width the C++ kernels spill registers (nvcc -Xptxas -v) while the Triton kernels
-# do not (benchmarks/results/gpu_tuning.json): rows up to CUDA_MAX_WIDTH prefer Triton there.
-_CUDA_CPP_PREFERRED_WIDTH = 8192
+# norm_cuda.cu reads rows as 16-byte vectors; a width that is not a multiple of 16 / element size
+# is read element by element, up to this width.
+_CUDA_SCALAR_MAX_WIDTH = 4096
 
 
 # Read on every norm call (tests toggle it within one process), and os.environ.get costs about a
@@ -501,13 +502,20 @@ def cuda_status() -> dict[str, Any]:
     }
 
 
-def cuda_backend(width: int) -> str | None:
+def cuda_cpp_takes(width: int, element_size: int) -> bool:
+    """Whether norm_cuda.cu's kernels take rows of ``width`` elements of ``element_size`` bytes."""
+    if width % (16 // element_size) == 0:
+        return width <= CUDA_MAX_WIDTH
+    return width <= _CUDA_SCALAR_MAX_WIDTH
+
+
+def cuda_backend(width: int, element_size: int = 4) -> str | None:
     """Which fused CUDA kernel takes rows of ``width``: ``"cuda-cpp"``, ``"triton"`` or None."""
-    triton = _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values())
-    if _cuda_cpp_state and (width <= _CUDA_CPP_PREFERRED_WIDTH or
-                            (width <= CUDA_MAX_WIDTH and not triton)):
+    if _cuda_cpp_state and cuda_cpp_takes(width, element_size):
         return "cuda-cpp"
-    return "triton" if triton else None
+    if _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values()):
+        return "triton"
+    return None
 
 
 def cuda_norm(
@@ -523,7 +531,7 @@ def cuda_norm(
     shape), or None where none applies (rows too wide).  Call only after
     :func:`cuda_kernels_ready` returned True."""
     width = x.shape[-1]
-    kernel = cuda_backend(width)
+    kernel = cuda_backend(width, x.element_size())
     if kernel == "cuda-cpp":
         return _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k)
     if kernel is None or not _triton_module.supports(x.reshape(-1, width)):
