@@ -683,7 +683,7 @@ def _normalize(
 
     if backend in (CUDA_CPP, TRITON):
         # The CUDA kernels take any leading shape: no reshape, so no view nodes in the graph.
-        kernel = _kernels.cuda_backend(width, input.element_size())
+        kernel = _kernels.cuda_backend(width, input.element_size(), input.numel())
         if kernel == CUDA_CPP:
             out = _cuda_cpp_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
         else:

@@ -82,6 +82,9 @@ CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 512 threads x 32 elements in registers
 # norm_cuda.cu reads rows as 16-byte vectors; a width that is not a multiple of 16 / element size
 # is read element by element, up to this width.
 _CUDA_SCALAR_MAX_WIDTH = 4096
+# From this many elements on, the Triton kernels take the call (see cuda_backend): fp32 from
+# 32768 x 8192, 16-bit from 16384 x 4096, the sizes at which they beat norm_cuda.cu in the H200 run.
+_TRITON_FROM_NUMEL = {4: 2**28, 2: 2**26}
 
 
 # Read on every norm call (tests toggle it within one process), and os.environ.get costs about a
@@ -509,13 +512,20 @@ def cuda_cpp_takes(width: int, element_size: int) -> bool:
     return width <= _CUDA_SCALAR_MAX_WIDTH
 
 
-def cuda_backend(width: int, element_size: int = 4) -> str | None:
-    """Which fused CUDA kernel takes rows of ``width``: ``"cuda-cpp"``, ``"triton"`` or None."""
+def cuda_backend(width: int, element_size: int = 4, numel: int = 0) -> str | None:
+    """Which fused CUDA kernel takes a tensor of ``numel`` elements in rows of ``width``:
+    ``"cuda-cpp"``, ``"triton"`` or None.
+
+    The C++ kernels cost about native's host time per call, the Triton kernels about 250 µs more
+    per fwd+bwd but less GPU time on large tensors (16-bit ones especially): from
+    ``_TRITON_FROM_NUMEL`` elements on, Triton wins even as the user meets it (measured on an H200,
+    benchmarks/results/gpu_check.json)."""
+    triton = _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values())
+    if triton and numel >= _TRITON_FROM_NUMEL.get(element_size, 2**62):
+        return "triton"
     if _cuda_cpp_state and cuda_cpp_takes(width, element_size):
         return "cuda-cpp"
-    if _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values()):
-        return "triton"
-    return None
+    return "triton" if triton else None
 
 
 def cuda_norm(
@@ -531,7 +541,7 @@ def cuda_norm(
     shape), or None where none applies (rows too wide).  Call only after
     :func:`cuda_kernels_ready` returned True."""
     width = x.shape[-1]
-    kernel = cuda_backend(width, x.element_size())
+    kernel = cuda_backend(width, x.element_size(), x.numel())
     if kernel == "cuda-cpp":
         return _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k)
     if kernel is None or not _triton_module.supports(x.reshape(-1, width)):
