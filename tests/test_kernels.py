@@ -597,3 +597,44 @@ def test_bfloat16_rows_near_the_float32_limit(fast_kernels, variant, std_mode, m
     assert _max_error(out, ref_out) <= TOLERANCE[torch.bfloat16]
     scale = ref_dx.abs().max().item()
     assert ((dx.double() - ref_dx).abs().max() / scale).item() <= TOLERANCE[torch.bfloat16]
+
+
+# ---- which CUDA kernel takes a call (the policy is plain Python: testable without a GPU) --------
+
+
+def test_cuda_backend_policy(monkeypatch):
+    from adanorm import _kernels
+
+    class FakeTriton:
+        MAX_WIDTH = {4: 16384, 2: 16384}
+
+    monkeypatch.setattr(_kernels, "_triton_module", FakeTriton)
+    monkeypatch.setattr(_kernels, "_cuda_cpp_state", True)
+    # The C++ kernels: 16-byte vector widths up to 16384, other widths up to 4096.
+    assert _kernels.cuda_backend(1024, 4, 2048 * 1024) == "cuda-cpp"
+    assert _kernels.cuda_backend(4099, 4, 4099) == "triton"
+    assert _kernels.cuda_backend(4095, 2, 4095) == "cuda-cpp"
+    assert _kernels.cuda_cpp_takes(16384, 2) and not _kernels.cuda_cpp_takes(16392, 4)
+    # Large tensors go to Triton: fp32 from 2^28 elements, 16-bit from 2^26.
+    assert _kernels.cuda_backend(8192, 4, 2**28) == "triton"
+    assert _kernels.cuda_backend(8192, 4, 2**28 - 8192) == "cuda-cpp"
+    assert _kernels.cuda_backend(4096, 2, 2**26) == "triton"
+    # Without Triton everything the C++ kernels take stays there; wider rows have no kernel.
+    monkeypatch.setattr(_kernels, "_triton_module", None)
+    assert _kernels.cuda_backend(4096, 2, 2**30) == "cuda-cpp"
+    assert _kernels.cuda_backend(20000, 4, 20000) is None
+    # Without the C++ kernels, Triton takes what fits it.
+    monkeypatch.setattr(_kernels, "_triton_module", FakeTriton)
+    monkeypatch.setattr(_kernels, "_cuda_cpp_state", False)
+    assert _kernels.cuda_backend(512, 4, 512) == "triton"
+    assert _kernels.cuda_backend(16385, 4, 16385) is None
+
+
+def test_cuda_backend_choice_is_validated(monkeypatch):
+    from adanorm import _kernels
+
+    monkeypatch.setenv("ADANORM_CUDA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="ADANORM_CUDA_BACKEND must be auto, cuda-cpp or triton"):
+        _kernels._cuda_backend_choice()
+    monkeypatch.setenv("ADANORM_CUDA_BACKEND", "Triton")
+    assert _kernels._cuda_backend_choice() == "triton"
