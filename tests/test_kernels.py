@@ -535,3 +535,37 @@ def test_bfloat16_rows_near_the_float32_limit(fast_kernels, variant, std_mode, m
     assert _max_error(out, ref_out) <= TOLERANCE[torch.bfloat16]
     scale = ref_dx.abs().max().item()
     assert ((dx.double() - ref_dx).abs().max() / scale).item() <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.slow
+def test_first_build_killed_midway_does_not_hang_later_processes(fast_kernels, tmp_path):
+    # The real thing: a first build in a fresh cache, killed with SIGKILL (with its compiler)
+    # while it holds torch's build baton; then a new process must build and load, not hang.
+    if _kernels._find_compiler() is None:
+        pytest.skip("no C++ compiler")
+    import signal
+
+    env = {**os.environ, "ADANORM_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [str(Path(AF.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ADANORM_DISABLE_EXTENSION", None)
+    directory = (tmp_path / _kernels.build_directory().relative_to(
+        _kernels.build_directory().parents[1]) / _kernels._library_name())
+    first = subprocess.Popen([sys.executable, "-c", _LOAD_SCRIPT], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (directory / "lock").exists():
+            assert first.poll() is None, "the first build ended before it could be killed"
+            assert time.monotonic() < deadline, "the first build never took its lock"
+            time.sleep(0.05)
+        time.sleep(1.0)  # let the compiler start
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert (directory / "lock").exists() and not (directory / f"{_kernels._library_name()}"
+                                                   ".complete").exists()
+    done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0 and "READY True loaded" in done.stdout, done.stderr[-2000:]
+    assert not (directory / "lock").exists()
