@@ -638,3 +638,37 @@ def test_cuda_backend_choice_is_validated(monkeypatch):
         _kernels._cuda_backend_choice()
     monkeypatch.setenv("ADANORM_CUDA_BACKEND", "Triton")
     assert _kernels._cuda_backend_choice() == "triton"
+
+
+@pytest.mark.slow
+def test_first_build_killed_midway_does_not_hang_later_processes(fast_kernels, tmp_path):
+    # The real thing: a first build in a fresh cache, killed with SIGKILL (with its compiler)
+    # while it holds torch's build baton; then a new process must build and load, not hang.
+    if _kernels._find_compiler() is None:
+        pytest.skip("no C++ compiler")
+    import signal
+
+    env = {**os.environ, "ADANORM_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(
+        [str(Path(AF.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("ADANORM_DISABLE_EXTENSION", None)
+    directory = (tmp_path / _kernels.build_directory().relative_to(
+        _kernels.build_directory().parents[1]) / _kernels._library_name())
+    first = subprocess.Popen([sys.executable, "-c", _LOAD_SCRIPT], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (directory / "lock").exists():
+            assert first.poll() is None, "the first build ended before it could be killed"
+            assert time.monotonic() < deadline, "the first build never took its lock"
+            time.sleep(0.05)
+        time.sleep(1.0)  # let the compiler start
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert (directory / "lock").exists() and not (directory / f"{_kernels._library_name()}"
+                                                   ".complete").exists()
+    done = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0 and "READY True loaded" in done.stdout, done.stderr[-2000:]
+    assert not (directory / "lock").exists()
