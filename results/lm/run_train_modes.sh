@@ -3,7 +3,7 @@
 # data.train_mode=stream (memory carried across updates, the presets' default) and warmup (memory
 # rebuilt per shuffled window by one gradient-free segment), seeds 1 and 2.  Each seed's two
 # modes run at the same time (1 thread each), so they share the machine's load.  Finished runs
-# are skipped; the per-run records are copied to results/lm/runs/lm-train-modes/.
+# are skipped; the per-run records are copied to results/lm/train_modes/runs/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export ADANORM_DATA="${ADANORM_DATA:-../shared/data}"
@@ -20,9 +20,9 @@ for seed in 1 2; do
   train warmup "$seed" & warmup_pid=$!
   wait "$stream_pid" "$warmup_pid"
   for mode in stream warmup; do
-    mkdir -p "results/lm/runs/lm-train-modes/$mode/seed$seed"
+    mkdir -p "results/lm/train_modes/runs/$mode/seed$seed"
     cp "$OUT/$mode/seed$seed"/{results.json,metrics.jsonl,config.yaml,run.json} \
-      "results/lm/runs/lm-train-modes/$mode/seed$seed/"
+      "results/lm/train_modes/runs/$mode/seed$seed/"
   done
 done
-python results/lm/train_modes_table.py "results/lm/runs/lm-train-modes"
+python results/lm/train_modes_table.py "results/lm/train_modes/runs"

@@ -1,6 +1,6 @@
 """The Markdown table of results/lm/README.md "Training modes" from the runs of run_train_modes.sh.
 
-    python results/lm/train_modes_table.py results/lm/runs/lm-train-modes
+    python results/lm/train_modes_table.py results/lm/train_modes/runs
 """
 
 from __future__ import annotations
@@ -37,4 +37,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/lm/runs/lm-train-modes"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/lm/train_modes/runs"))
