@@ -226,3 +226,18 @@ def test_a_corrupted_parsing_cache_is_rebuilt(
     from adanorm.lab.tasks.parsing_data import load_treebank
 
     assert load_treebank(cache_file)[2] == info  # the rebuilt file is whole again
+
+
+def test_a_report_error_at_the_end_of_a_sweep_is_one_line(monkeypatch, capsys):
+    """``adanorm sweep`` ends with a report; a run file the report refuses is the user's to fix."""
+    from adanorm.lab import cli
+    from adanorm.lab.report import ReportError
+
+    def sweep_then_refused_report(args):
+        raise ReportError("runs/x/metrics.jsonl: line 3 is not JSON; delete the run or fix it")
+
+    monkeypatch.setattr(cli, "_cmd_sweep", sweep_then_refused_report)
+    assert cli.main(["sweep", "mnist", "--norms", "layernorm", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["adanorm sweep: error: runs/x/metrics.jsonl: line 3 is not JSON; delete the "
+                   "run or fix it"]

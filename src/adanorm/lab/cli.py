@@ -310,10 +310,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data import ChecksumError, DataMissingError
     from .download import DownloadError
+    from .report import ReportError
     from .trainer import RunDirError, TrainingOutOfMemoryError
 
     return (
         ConfigError,
+        ReportError,
         DataMissingError,
         ChecksumError,
         DownloadError,
