@@ -54,3 +54,16 @@ def test_analyze_command_resumes_finished_runs(tmp_path, capsys):
     assert main(args) == 0  # finished runs are reused, not retrained
     assert (tmp_path / "runs/detach-std_s1/metrics.jsonl").read_text() == first
     assert "Theorem 1 on real training" in capsys.readouterr().out
+
+
+def test_variance_verdicts_judge_only_the_bound_the_recorder_measures():
+    """LayerNorm's Theorem-1 bound is in w*g and AdaNorm's in phi*g, while the recorder's ratio
+    uses g: those are reported, never judged (a gain > 1 made LayerNorm read "DISAGREES")."""
+    from adanorm.lab.analyze import THEOREM1_EXPECTATIONS, _verdict_ratio
+
+    assert _verdict_ratio(THEOREM1_EXPECTATIONS["layernorm"][1], 1.03) == "n/a (bound is in w*g)"
+    assert _verdict_ratio(THEOREM1_EXPECTATIONS["adanorm"][1], 0.8).startswith("n/a")
+    assert _verdict_ratio(THEOREM1_EXPECTATIONS["layernorm-simple"][1], 1.03) == "DISAGREES"
+    assert _verdict_ratio(THEOREM1_EXPECTATIONS["layernorm-simple"][1], 0.97) == "agrees"
+    assert _verdict_ratio(THEOREM1_EXPECTATIONS["detachnorm"][1], 1.0) == "agrees"
+    assert _verdict_ratio(THEOREM1_EXPECTATIONS["none"][1], float("nan")) == "-"
