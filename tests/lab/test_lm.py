@@ -615,9 +615,10 @@ def test_stream_mode_two_gloo_processes_match_one_and_resume_exactly(tmp_path: P
     two_processes("cut", 12, "--resume")
     assert (tmp_path / "cut/metrics.jsonl").read_bytes() == (
         tmp_path / "two/metrics.jsonl").read_bytes()
-    kept = sorted(p.name for p in (tmp_path / "two").glob("task_state_rank*"))
-    assert kept == ["task_state_rank1_step000000012.pt"]  # the older steps' files are removed
-    rank1 = torch.load(tmp_path / "two" / kept[0], weights_only=True)
+    kept = sorted(p.name for p in (tmp_path / "two").glob("*_rank1*"))
+    # The older steps' files are removed; the RNG file is named by step too.
+    assert kept == ["rng_rank1_step000000012.pt", "task_state_rank1_step000000012.pt"]
+    rank1 = torch.load(tmp_path / "two" / "task_state_rank1_step000000012.pt", weights_only=True)
     assert rank1["micro_batch"] == 4 and rank1["mems"][0].shape[0] == 4  # its own 4 streams
     assert torch.load(tmp_path / "two" / LAST, weights_only=True)["task"]["mems"][0].shape[0] == 4
     one = [json.loads(line) for line in (tmp_path / "one/metrics.jsonl").open()]

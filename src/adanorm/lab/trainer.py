@@ -12,8 +12,9 @@ Run directory layout (written by the main process only)::
     run.json             git commit, seed, library versions, device, world size, command line
     metrics.jsonl        one JSON object per train log / evaluation / final test line
     checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
-                         and the task's own training state (``Task.state_dict``; other DDP
-                         processes: ``task_state_rank<r>_step<s>.pt``), e.g. the LM's memory
+                         and the task's own training state (``Task.state_dict``), e.g. the LM's
+                         memory; other DDP processes keep their RNG and task state in
+                         ``rng_rank<r>_step<s>.pt`` / ``task_state_rank<r>_step<s>.pt``
     checkpoint_best.pt   the model with the best validation metric
     checkpoint_avg_<step>.pt  with ``train.average_checkpoints`` N > 0: the weights at each of
                          the last N evaluations, averaged into the final model
@@ -446,22 +447,26 @@ class Trainer:
             }
             ckpt.atomic_save(state, self.run_dir / LAST)
         else:  # each process has its own dropout stream; the main process saves only its own
-            ckpt.atomic_save(ckpt.capture_rng(), self.run_dir / f"rng_rank{self.dist.rank}.pt")
+            ckpt.atomic_save(ckpt.capture_rng(), self._rank_file("rng", self.state.step))
             task_state = self.task.state_dict()
             if task_state:  # e.g. the memory of this process's own LM streams
-                ckpt.atomic_save(task_state, self._task_state_path(self.state.step))
+                ckpt.atomic_save(task_state, self._rank_file("task_state", self.state.step))
         barrier()
         if not self.dist.is_main:
             # Only now is checkpoint_last.pt at this step: a kill before the barrier leaves the
-            # file of the step it still names.
-            current = self._task_state_path(self.state.step)
-            for old in self.run_dir.glob(f"task_state_rank{self.dist.rank}_step*.pt"):
-                if old != current:
-                    old.unlink()
+            # files of the step it still names (a single rng file overwritten in place could be a
+            # checkpoint ahead of it, and a resumed run would then differ, silently).
+            for kind in ("rng", "task_state"):
+                current = self._rank_file(kind, self.state.step)
+                for old in self.run_dir.glob(f"{kind}_rank{self.dist.rank}_step*.pt"):
+                    if old != current:
+                        old.unlink()
+            (self.run_dir / f"rng_rank{self.dist.rank}.pt").unlink(missing_ok=True)
 
-    def _task_state_path(self, step: int) -> Path:
-        """This process's task state at ``step`` (DDP ranks > 0; rank 0's is in the checkpoint)."""
-        return self.run_dir / f"task_state_rank{self.dist.rank}_step{step:09d}.pt"
+    def _rank_file(self, kind: str, step: int) -> Path:
+        """This process's ``kind`` (rng or task_state) at ``step``: DDP ranks > 0 keep theirs
+        beside the checkpoint, rank 0's is inside it."""
+        return self.run_dir / f"{kind}_rank{self.dist.rank}_step{step:09d}.pt"
 
     def _save_best(self) -> None:
         if self.dist.is_main:
@@ -488,10 +493,11 @@ class Trainer:
             ckpt.restore_rng(state["rng"])
             self.task.load_state_dict(state.get("task", {}))
         else:
-            ckpt.restore_rng(
-                ckpt.load_checkpoint(self.run_dir / f"rng_rank{self.dist.rank}.pt", ["python"])
-            )
-            path = self._task_state_path(self.state.step)
+            rng = self._rank_file("rng", self.state.step)
+            if not rng.exists():  # written before the files were named by step
+                rng = self.run_dir / f"rng_rank{self.dist.rank}.pt"
+            ckpt.restore_rng(ckpt.load_checkpoint(rng, ["python"]))
+            path = self._rank_file("task_state", self.state.step)
             self.task.load_state_dict(ckpt.load_checkpoint(path) if path.exists() else {})
         # Lines written after this checkpoint are replayed by the resumed run: drop them.
         if self.dist.is_main:
