@@ -245,7 +245,7 @@ def _differentiable_backward(
 class _TritonNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps, unbiased, detach_mean, detach_std, scale, k):
-        store_rstd = detach_mean and detach_std and scale is None
+        store_rstd = _stores_rstd(detach_mean, detach_std, scale)
         out, rstd = _forward(x, eps, unbiased, store_rstd, scale, k)
         ctx.save_for_backward(None if store_rstd else x, rstd)
         ctx.flags = (eps, unbiased, detach_mean, detach_std, scale, k)
