@@ -258,6 +258,28 @@ def test_the_mnist_converge_preset_stops_on_validation_not_on_a_schedule() -> No
     assert cfg["train"]["max_epochs"] >= 10 and cfg["train"]["max_steps"] == 0
 
 
+def test_the_verdict_follows_the_test_metric_not_the_validation_metric(tmp_path: Path) -> None:
+    # MT selects checkpoints on valid loss (lower is better) but reports BLEU (higher is better):
+    # 11 BLEU fewer is a loss, not a win.
+    for norm, bleus in {"layernorm": [35.0, 36.0, 35.5], "detachnorm": [24.0, 24.6, 24.0]}.items():
+        for seed, bleu in enumerate(bleus, start=1):
+            run = _fake_run(tmp_path, "multi30k", norm, seed, bleu)
+            results = json.loads((run / "results.json").read_text())
+            results.update(valid_metric="loss", valid_mode="min", test_metric="bleu")
+            results.update(valid={"loss": 2.0}, test={"bleu": bleu})
+            (run / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path)
+    with open(tmp_path / "report.csv") as fh:
+        table = {r["norm"]: r for r in csv.DictReader(fh)}
+    assert table["detachnorm"]["verdict"] == "loss"
+    for path in tmp_path.rglob("results.json"):
+        results = json.loads(path.read_text())
+        results.update(test_metric="mystery", test={"mystery": 1.0})
+        path.write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="cannot tell whether a higher test metric 'mystery'"):
+        write_report(tmp_path)
+
+
 def test_report_json_cli(fake_sweep: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "adanorm.lab.cli", "report", str(fake_sweep), "--json"],

@@ -310,6 +310,35 @@ def _sort_key(label: str) -> tuple[int, str]:
     return (NORM_ORDER.index(base) if base in NORM_ORDER else len(NORM_ORDER), label)
 
 
+# Whether a higher test metric is better, for test metrics that differ from the validation
+# metric (MT selects on valid loss but reports BLEU); a test metric equal to the validation
+# metric takes the run's valid_mode.
+TEST_METRIC_HIGHER_IS_BETTER = {
+    "acc": True,
+    "bleu": True,
+    "sacrebleu": True,
+    "uas": True,
+    "uas_excl_punct": True,
+    "las": True,
+    "loss": False,
+    "bpc": False,
+    "ppl": False,
+}
+
+
+def higher_is_better(result: dict[str, Any]) -> bool:
+    """Whether a higher ``test.<test_metric>`` is better for this run's results."""
+    metric = result["test_metric"]
+    if metric == result.get("valid_metric") and result.get("valid_mode") in ("max", "min"):
+        return result["valid_mode"] == "max"
+    if metric in TEST_METRIC_HIGHER_IS_BETTER:
+        return TEST_METRIC_HIGHER_IS_BETTER[metric]
+    raise ReportError(
+        f"{result['run_dir']}: cannot tell whether a higher test metric {metric!r} is better; "
+        "add it to adanorm.lab.report.TEST_METRIC_HIGHER_IS_BETTER"
+    )
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, setting, norm label): mean, std (sample, ddof=1; None for one seed),
     n.  Runs without a ``setting`` (see :func:`label_settings`) count as setting "".  Two runs of
@@ -350,7 +379,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "_seeds": {int(m["seed"]): float(m["test"][metric]) for m in members},
                 "_norm": members[0]["norm"],
                 "_label": members[0].get("test_metric_label", metric),
-                "_higher": members[0].get("valid_mode", "max") == "max",
+                "_higher": higher_is_better(members[0]),
             }
         )
     rows.sort(key=lambda r: (r["dataset"], r["setting"], _sort_key(r["norm"])))
