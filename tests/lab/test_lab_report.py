@@ -252,7 +252,12 @@ def test_the_mnist_converge_preset_stops_on_validation_not_on_a_schedule() -> No
     from adanorm.lab.config import load_config
 
     cfg = load_config("mnist", "converge")
-    assert cfg["train"]["patience"] >= 2 and cfg["train"]["average_checkpoints"] == 0
+    # Validation accuracy dips for up to 3 half-epoch evaluations before improving again, so a
+    # patience of 4 half-epochs stopped LayerNorm at a dip (results/mnist_converge/README.md).
+    updates_per_epoch = 55_000 // cfg["data"]["batch_size"] + 1
+    patience_updates = cfg["train"]["patience"] * cfg["train"]["eval_every"]
+    assert patience_updates >= 4 * updates_per_epoch  # 4 epochs
+    assert cfg["train"]["average_checkpoints"] == 0
     # A decaying schedule would make the result depend on the max_epochs cap.
     assert cfg["schedule"]["name"] == "constant"
     assert cfg["train"]["max_epochs"] >= 10 and cfg["train"]["max_steps"] == 0
