@@ -16,7 +16,7 @@ import yaml
 from lab_helpers import REPO
 
 from adanorm.lab.paper_numbers import paper_number, paper_table
-from adanorm.lab.report import ReportError, write_report
+from adanorm.lab.report import ReportError, compare, holm, verdict, write_report
 from adanorm.lab.runinfo import norm_label
 from adanorm.lab.sweep import plan_sweep, run_sweep
 
@@ -118,13 +118,171 @@ def test_report_rows_tables_and_plots(fake_sweep: Path) -> None:
     assert "| LayerNorm |" in md and "| AdaNorm |" in md
     assert "paper 99.35" in md and "paper 39.23" in md  # the paper's numbers side by side
     # AdaNorm - LayerNorm = +0.30 in every seed: paired differences are constant, so the paired
-    # t-test's p is 0 (scipy) — the test across seeds must see seed pairing.
-    assert re.search(r"\| AdaNorm \| \+0\.30 \(p=0\.000, paired t\) · paper \+0\.22", md)
+    # t-test's p is 0 and the interval is the point — the test across seeds must see seed pairing.
+    assert (
+        "| mnist | AdaNorm | +0.30 | [+0.30, +0.30] | paired t (3) | 0.000 | 0.000 | win | +0.22 |"
+        in md
+    )
     with open(fake_sweep / "report.csv") as fh:
         table = list(csv.DictReader(fh))
     assert {r["norm"] for r in table} == {"layernorm", "adanorm", "none"}
     for png in ("loss_curves_mnist.png", "loss_curves_sst5.png"):
         assert (fake_sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Fixed per-seed numbers for the statistics checks (test accuracies of five seeds).
+STAT_A = {1: 99.21, 2: 99.35, 3: 99.18, 4: 99.30, 5: 99.27}
+STAT_B = {1: 99.10, 2: 99.31, 3: 99.20, 4: 99.12, 5: 99.19}
+
+
+def test_paired_comparison_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    result = compare(STAT_A, STAT_B)
+    a, b = list(STAT_A.values()), list(STAT_B.values())
+    reference = stats.ttest_rel(a, b)
+    low, high = reference.confidence_interval(0.95)
+    assert result.test == "paired t" and result.n == 5
+    assert result.delta == pytest.approx(sum(a) / 5 - sum(b) / 5)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert (result.low, result.high) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_welch_comparison_matches_scipy_when_no_seeds_match() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    shifted = {seed + 10: value for seed, value in STAT_B.items()}
+    result = compare(STAT_A, shifted)
+    reference = stats.ttest_ind(list(STAT_A.values()), list(STAT_B.values()), equal_var=False)
+    low, high = reference.confidence_interval(0.95)
+    assert result.test == "Welch t" and result.n == 5
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+    assert (result.low, result.high) == (pytest.approx(low), pytest.approx(high))
+
+
+def test_a_comparison_pairs_only_the_seeds_both_ran() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    partial = {seed: STAT_B[seed] for seed in (1, 2, 3)} | {9: 50.0}  # seed 9: no partner
+    result = compare(STAT_A, partial)
+    reference = stats.ttest_rel([STAT_A[s] for s in (1, 2, 3)], [STAT_B[s] for s in (1, 2, 3)])
+    assert result.test == "paired t" and result.n == 3
+    assert result.delta == pytest.approx(sum(STAT_A[s] - STAT_B[s] for s in (1, 2, 3)) / 3)
+    assert result.p == pytest.approx(reference.pvalue, rel=1e-9)
+
+
+def test_degenerate_comparisons() -> None:
+    same = compare({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0})
+    assert (same.delta, same.low, same.high, same.p) == (0.0, 0.0, 0.0, 1.0)
+    shifted = compare({1: 2.0, 2: 3.0}, {1: 1.0, 2: 2.0})  # +1 in every seed: no doubt left
+    assert (shifted.delta, shifted.low, shifted.high, shifted.p) == (1.0, 1.0, 1.0, 0.0)
+    single = compare({1: 2.0}, {2: 1.0, 3: 1.5})  # one seed, none shared: no test
+    assert (single.test, single.p, single.low) == ("n < 2", None, None)
+    assert single.delta == pytest.approx(0.75)
+
+
+def test_holm_on_a_hand_computed_example() -> None:
+    # Sorted: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 4 * 0.005 = 0.02, 3 * 0.01 = 0.03,
+    # 2 * 0.03 = 0.06, max(0.06, 1 * 0.04) = 0.06; None is no test and not in the family.
+    adjusted = holm([0.01, None, 0.04, 0.03, 0.005])
+    assert adjusted[1] is None
+    assert [adjusted[i] for i in (0, 2, 3, 4)] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.6, 0.7]) == [1.0, 1.0]  # capped at 1, and monotone
+    assert holm([0.04]) == [0.04] and holm([]) == []
+
+
+@pytest.mark.parametrize(
+    ("delta", "p_holm", "higher_is_better", "expected"),
+    [
+        (0.3, 0.049, True, "win"),
+        (-0.3, 0.049, True, "loss"),
+        (0.3, 0.05, True, "tie"),  # the boundary is not significant
+        (0.3, 0.8, True, "tie"),
+        (-0.02, 0.001, False, "win"),  # lower BPC or loss is better
+        (0.02, 0.001, False, "loss"),
+        (0.0, 0.0, True, "tie"),
+        (0.3, None, True, "n/a"),  # too few seeds for a test
+    ],
+)
+def test_verdict_rule(delta: float, p_holm: float | None, higher_is_better: bool, expected: str):
+    assert verdict(delta, p_holm, higher_is_better) == expected
+
+
+def test_report_corrects_over_all_comparisons_and_scores_the_claims(tmp_path: Path) -> None:
+    values = {  # norm -> per-seed accuracy; LayerNorm-simple beats DetachNorm by +1.0 +- noise
+        "layernorm": [99.0, 99.2, 99.1, 99.3],
+        "layernorm-simple": [99.05, 99.1, 99.2, 99.2],
+        "detachnorm": [98.0, 98.15, 98.2, 98.25],
+        "adanorm": [99.0, 99.3, 99.1, 99.4],
+    }
+    for norm, accs in values.items():
+        for seed, acc in enumerate(accs, start=1):
+            _fake_run(tmp_path, "mnist", norm, seed, acc)
+    report = write_report(tmp_path)
+    md = report.markdown
+    assert "corrected over all 4 tests of this report" in md  # 3 vs LayerNorm + 1 claim
+    assert "Verdict: **win** when the Holm-corrected p < 0.05" in md
+    lines = {line.split(" | ")[1]: line for line in md.splitlines() if line.startswith("| mnist |")}
+    assert lines["LayerNorm-simple vs DetachNorm"].endswith("| win | -0.01 |")
+    assert lines["DetachNorm"].split(" | ")[-2] == "loss"
+    with open(tmp_path / "report.csv") as fh:
+        table = {r["norm"]: r for r in csv.DictReader(fh)}
+    p_values = [float(table[n]["p_value"]) for n in ("layernorm-simple", "detachnorm", "adanorm")]
+    claim = compare(
+        dict(enumerate(values["layernorm-simple"], 1)), dict(enumerate(values["detachnorm"], 1))
+    )
+    expected = holm([*p_values, claim.p])
+    for norm, p_holm in zip(("layernorm-simple", "detachnorm", "adanorm"), expected, strict=False):
+        assert float(table[norm]["p_holm"]) == pytest.approx(p_holm, rel=1e-5)
+        assert float(table[norm]["ci95_low"]) < float(table[norm]["delta_vs_layernorm"])
+    assert table["layernorm"]["verdict"] == "" and table["adanorm"]["n_compared"] == "4"
+
+
+def test_report_counts_the_runs_whose_best_step_is_before_their_last(tmp_path: Path) -> None:
+    for seed, (best, steps, early) in enumerate(
+        ((10, 20, True), (20, 20, False), (5, 20, False)), 1
+    ):
+        run = _fake_run(tmp_path, "mnist", "layernorm", seed, 99.0 + seed / 10)
+        results = json.loads((run / "results.json").read_text())
+        results.update(best_step=best, steps=steps, stopped_early=early)
+        (run / "results.json").write_text(json.dumps(results))
+    _fake_run(tmp_path, "mnist", "adanorm", 1, 99.0)  # an older run without best_step
+    md = write_report(tmp_path).markdown
+    assert "| mnist | 4 | 2 (1 without best_step) | 1 |" in md
+
+
+def test_the_mnist_converge_preset_stops_on_validation_not_on_a_schedule() -> None:
+    from adanorm.lab.config import load_config
+
+    cfg = load_config("mnist", "converge")
+    # Validation accuracy dips for up to 3 half-epoch evaluations before improving again, so a
+    # patience of 4 half-epochs stopped LayerNorm at a dip (results/mnist_converge/README.md).
+    updates_per_epoch = 55_000 // cfg["data"]["batch_size"] + 1
+    patience_updates = cfg["train"]["patience"] * cfg["train"]["eval_every"]
+    assert patience_updates >= 4 * updates_per_epoch  # 4 epochs
+    assert cfg["train"]["average_checkpoints"] == 0
+    # A decaying schedule would make the result depend on the max_epochs cap.
+    assert cfg["schedule"]["name"] == "constant"
+    assert cfg["train"]["max_epochs"] >= 10 and cfg["train"]["max_steps"] == 0
+
+
+def test_the_verdict_follows_the_test_metric_not_the_validation_metric(tmp_path: Path) -> None:
+    # MT selects checkpoints on valid loss (lower is better) but reports BLEU (higher is better):
+    # 11 BLEU fewer is a loss, not a win.
+    for norm, bleus in {"layernorm": [35.0, 36.0, 35.5], "detachnorm": [24.0, 24.6, 24.0]}.items():
+        for seed, bleu in enumerate(bleus, start=1):
+            run = _fake_run(tmp_path, "multi30k", norm, seed, bleu)
+            results = json.loads((run / "results.json").read_text())
+            results.update(valid_metric="loss", valid_mode="min", test_metric="bleu")
+            results.update(valid={"loss": 2.0}, test={"bleu": bleu})
+            (run / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path)
+    with open(tmp_path / "report.csv") as fh:
+        table = {r["norm"]: r for r in csv.DictReader(fh)}
+    assert table["detachnorm"]["verdict"] == "loss"
+    for path in tmp_path.rglob("results.json"):
+        results = json.loads(path.read_text())
+        results.update(test_metric="mystery", test={"mystery": 1.0})
+        path.write_text(json.dumps(results))
+    with pytest.raises(ReportError, match="cannot tell whether a higher test metric 'mystery'"):
+        write_report(tmp_path)
 
 
 def test_report_json_cli(fake_sweep: Path) -> None:
@@ -177,7 +335,8 @@ def test_runs_of_different_configs_get_their_own_labelled_columns(tmp_path: Path
     md = report.markdown
     assert f"| Norm | lm [{short_label}] | lm [{long_label}] |" in md
     # Δ vs LayerNorm within the 2,500-step column only: (2.40 + 2.36 - 2.41 - 2.38) / 2
-    assert re.search(r"\| AdaNorm \| — \| -0\.02 \(p=[0-9.]+, paired t\) \|", md)
+    assert re.search(rf"\| lm \[{long_label}\] \| AdaNorm \| -0\.015 \| .* paired t \(2\) \|", md)
+    assert not re.search(rf"\| lm \[{short_label}\] \| AdaNorm", md)
     with open(tmp_path / "report.csv") as fh:
         table = {(r["setting"], r["norm"]): r for r in csv.DictReader(fh)}
     assert table[(short_label, "layernorm")]["n"] == "1"

@@ -46,8 +46,12 @@ __all__ = [
     "NoRunsError",
     "Report",
     "ReportError",
+    "Comparison",
     "collect_runs",
+    "compare",
     "compare_to_reference",
+    "holm",
+    "verdict",
     "config_identity",
     "label_settings",
     "summarize",
@@ -102,6 +106,16 @@ DEVICE_KEY = "device"
 # the best checkpoint, which is what 0 means.
 LEGACY_DEFAULTS = {"train.average_checkpoints": 0}
 ABSENT = "(absent)"
+
+
+# The paper's claims that a table of norms can score, as (claim, the norm claimed better, the
+# other norm): Table 1 (AdaNorm), Table 1's gain-and-bias finding, Table 2 (the derivatives of the
+# mean and variance matter).
+CLAIMS = (
+    ("AdaNorm beats LayerNorm (Table 1)", "adanorm", "layernorm"),
+    ("LayerNorm-simple matches or beats LayerNorm (Table 1)", "layernorm-simple", "layernorm"),
+    ("LayerNorm-simple beats DetachNorm (Table 2)", "layernorm-simple", "detachnorm"),
+)
 
 
 class ReportError(ValueError):
@@ -296,6 +310,35 @@ def _sort_key(label: str) -> tuple[int, str]:
     return (NORM_ORDER.index(base) if base in NORM_ORDER else len(NORM_ORDER), label)
 
 
+# Whether a higher test metric is better, for test metrics that differ from the validation
+# metric (MT selects on valid loss but reports BLEU); a test metric equal to the validation
+# metric takes the run's valid_mode.
+TEST_METRIC_HIGHER_IS_BETTER = {
+    "acc": True,
+    "bleu": True,
+    "sacrebleu": True,
+    "uas": True,
+    "uas_excl_punct": True,
+    "las": True,
+    "loss": False,
+    "bpc": False,
+    "ppl": False,
+}
+
+
+def higher_is_better(result: dict[str, Any]) -> bool:
+    """Whether a higher ``test.<test_metric>`` is better for this run's results."""
+    metric = result["test_metric"]
+    if metric == result.get("valid_metric") and result.get("valid_mode") in ("max", "min"):
+        return result["valid_mode"] == "max"
+    if metric in TEST_METRIC_HIGHER_IS_BETTER:
+        return TEST_METRIC_HIGHER_IS_BETTER[metric]
+    raise ReportError(
+        f"{result['run_dir']}: cannot tell whether a higher test metric {metric!r} is better; "
+        "add it to adanorm.lab.report.TEST_METRIC_HIGHER_IS_BETTER"
+    )
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, setting, norm label): mean, std (sample, ddof=1; None for one seed),
     n.  Runs without a ``setting`` (see :func:`label_settings`) count as setting "".  Two runs of
@@ -336,34 +379,117 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "_seeds": {int(m["seed"]): float(m["test"][metric]) for m in members},
                 "_norm": members[0]["norm"],
                 "_label": members[0].get("test_metric_label", metric),
-                "_higher": members[0].get("valid_mode", "max") == "max",
+                "_higher": higher_is_better(members[0]),
             }
         )
     rows.sort(key=lambda r: (r["dataset"], r["setting"], _sort_key(r["norm"])))
     return rows
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One norm against another within a column (same dataset and config).
+
+    ``delta`` is the estimate the test and the interval are about: with two or more seeds in
+    common, the mean of the per-seed differences over those seeds (``paired``; equal to the
+    difference of the means when both ran the same seeds); otherwise the difference of the means
+    (Welch).  ``low``/``high``: the two-sided 95 % t interval of ``delta``; ``p``: the two-sided
+    p-value of the matching t-test; ``n``: the pairs (paired) or the seeds of the row (Welch).
+    ``p`` and the interval are None when there are too few seeds for a test."""
+
+    delta: float
+    low: float | None
+    high: float | None
+    p: float | None
+    test: str
+    n: int
+
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+VERDICT_RULE = (
+    f"Verdict: **win** when the Holm-corrected p < {ALPHA} and the norm is better than the one it "
+    "is compared with (higher accuracy, UAS or BLEU; lower BPC or loss), **loss** when the "
+    f"corrected p < {ALPHA} and it is worse, **tie** otherwise (corrected p >= {ALPHA}, the "
+    "boundary included); **n/a** when there are too few seeds for a test (fewer than 2 paired "
+    "seeds and fewer than 2 seeds on either side). Holm's step-down correction runs over every "
+    "comparison in the report (all columns, all rows of the Δ table and the claims), so the "
+    "family-wise error rate is at most 5 %."
+)
+
+
+def _t_stats():  # scipy is a dependency of adanorm[lab]; fail in one line without it
+    try:
+        from scipy import stats
+    except ImportError:
+        raise ReportError(
+            "scipy is not installed, so the report cannot give p-values and intervals; "
+            "pip install 'adanorm[lab]'"
+        ) from None
+    return stats
+
+
+def compare(row_seeds: dict[int, float], ref_seeds: dict[int, float]) -> Comparison:
+    """Compare per-seed values ``row_seeds`` with ``ref_seeds`` (see :class:`Comparison`)."""
+    stats = _t_stats()
+    common = sorted(set(row_seeds) & set(ref_seeds))
+    quantile = 0.5 + CONFIDENCE / 2
+    if len(common) >= 2:
+        diffs = [row_seeds[s] - ref_seeds[s] for s in common]
+        n = len(diffs)
+        mean = statistics.fmean(diffs)
+        sd = statistics.stdev(diffs)
+        if sd == 0.0:  # constant differences: the interval is the point, p is 1 or 0
+            return Comparison(mean, mean, mean, 1.0 if mean == 0.0 else 0.0, "paired t", n)
+        se = sd / math.sqrt(n)
+        t = mean / se
+        half = float(stats.t.ppf(quantile, n - 1)) * se
+        p = float(2 * stats.t.sf(abs(t), n - 1))
+        return Comparison(mean, mean - half, mean + half, p, "paired t", n)
+    a, b = list(row_seeds.values()), list(ref_seeds.values())
+    delta = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return Comparison(delta, None, None, None, "n < 2", len(a))
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Comparison(delta, delta, delta, 1.0 if delta == 0.0 else 0.0, "Welch t", len(a))
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = float(stats.t.ppf(quantile, df)) * se
+    p = float(2 * stats.t.sf(abs(delta / se), df))
+    return Comparison(delta, delta - half, delta + half, p, "Welch t", len(a))
+
+
+def holm(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values, in the input order; None (no test) stays None and is
+    not counted in the family.  Adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j))."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    m = len(tested)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[index] = running
+    return adjusted
+
+
+def verdict(delta: float, p_holm: float | None, higher_is_better: bool) -> str:
+    """win / loss / tie / n/a by :data:`VERDICT_RULE`."""
+    if p_holm is None:
+        return "n/a"
+    if p_holm >= ALPHA or delta == 0.0:
+        return "tie"
+    better = delta > 0 if higher_is_better else delta < 0
+    return "win" if better else "loss"
+
+
 def compare_to_reference(
     row: dict[str, Any], ref: dict[str, Any]
 ) -> tuple[float, float | None, str]:
-    """Δ = mean(row) − mean(reference), and a two-sided p-value across seeds: a paired t-test on
-    the seeds both have (same seed = same data order), else Welch's t-test."""
-    delta = row["mean"] - ref["mean"]
-    common = sorted(set(row["_seeds"]) & set(ref["_seeds"]))
-    try:
-        from scipy import stats
-    except ImportError:  # scipy comes with scikit-learn; without it, report Δ only
-        return delta, None, "no scipy"
-    if len(common) >= 2:
-        a = [row["_seeds"][s] for s in common]
-        b = [ref["_seeds"][s] for s in common]
-        if all(x == y for x, y in zip(a, b, strict=True)):
-            return delta, 1.0, "paired t"
-        return delta, float(stats.ttest_rel(a, b).pvalue), "paired t"
-    a, b = list(row["_seeds"].values()), list(ref["_seeds"].values())
-    if len(a) >= 2 and len(b) >= 2:
-        return delta, float(stats.ttest_ind(a, b, equal_var=False).pvalue), "Welch t"
-    return delta, None, "n < 2"
+    """Δ and a two-sided p-value across seeds (see :func:`compare`; kept for callers of the
+    earlier API)."""
+    result = compare(row["_seeds"], ref["_seeds"])
+    return result.delta, result.p, result.test
 
 
 def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
@@ -407,6 +533,34 @@ def _column_title(dataset: str, setting: str) -> str:
     return f"{dataset} [{setting}]" if setting else dataset
 
 
+def _g(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def _digits(entry: dict[str, Any]) -> int:
+    # BPC and losses are around 1-5 and differ in the third decimal; accuracies in the second.
+    return 2 if abs(entry["ref"]["mean"]) >= 10 else 3
+
+
+def _comparison_line(
+    column: str, title: str, entry: dict[str, Any], paper_delta: float | None
+) -> str:
+    result: Comparison = entry["result"]
+    digits = _digits(entry)
+    ci = (
+        "—"
+        if result.low is None
+        else f"[{_fmt(result.low, digits, sign=True)}, {_fmt(result.high, digits, sign=True)}]"
+    )
+    p = "—" if result.p is None else f"{result.p:.3f}"
+    p_holm = "—" if entry["p_holm"] is None else f"{entry['p_holm']:.3f}"
+    paper = "—" if paper_delta is None else f"{paper_delta:+.2f}"
+    return (
+        f"| {column} | {title} | {_fmt(result.delta, digits, sign=True)} | {ci} | "
+        f"{result.test} ({result.n}) | {p} | {p_holm} | {entry['verdict']} | {paper} |"
+    )
+
+
 def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = False) -> Report:
     """Summarize the runs below ``root``; write report.md, report.csv and the loss-curve PNGs.
 
@@ -435,19 +589,45 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
     labels = sorted({r["norm"] for r in rows}, key=_sort_key)
     by_key = {(r["dataset"], r["setting"], r["norm"]): r for r in rows}
 
-    # Δ vs LayerNorm of the same column (same dataset and config), ours and the paper's.
+    # Δ vs LayerNorm of the same column (same dataset and config), ours and the paper's, then
+    # the paper's claims that are not against LayerNorm; Holm runs over all of them at once.
+    comparisons: list[dict[str, Any]] = []
     for row in rows:
         ref = by_key.get((row["dataset"], row["setting"], REFERENCE))
         row["_paper"] = _paper(row["dataset"], row["_norm"])
+        row["_cmp"] = None
         if ref is not None and row is not ref:
-            row["_delta"], row["_p"], row["_test"] = compare_to_reference(row, ref)
-        else:
-            row["_delta"], row["_p"], row["_test"] = None, None, ""
+            row["_cmp"] = {"row": row, "ref": ref, "result": compare(row["_seeds"], ref["_seeds"])}
+            comparisons.append(row["_cmp"])
         paper_ref = _paper(row["dataset"], REFERENCE)
         if isinstance(row["_paper"], (int, float)) and isinstance(paper_ref, (int, float)):
             row["_paper_delta"] = row["_paper"] - paper_ref
         else:
             row["_paper_delta"] = None
+    claim_rows: list[tuple[str, dict[str, Any]]] = []
+    for d, s in columns:
+        for claim, better, worse in CLAIMS:
+            pairs = [
+                (r, by_key.get((d, s, worse)))
+                for r in rows
+                if (r["dataset"], r["setting"]) == (d, s) and r["_norm"] == better
+            ]
+            for high, low in pairs:
+                if low is None:
+                    continue
+                if worse == REFERENCE:
+                    entry = high["_cmp"]
+                else:
+                    entry = {
+                        "row": high,
+                        "ref": low,
+                        "result": compare(high["_seeds"], low["_seeds"]),
+                    }
+                    comparisons.append(entry)
+                claim_rows.append((claim, entry))
+    for entry, p_holm in zip(comparisons, holm([c["result"].p for c in comparisons]), strict=True):
+        entry["p_holm"] = p_holm
+        entry["verdict"] = verdict(entry["result"].delta, p_holm, entry["row"]["_higher"])
 
     lines = [f"# Results: {root}", ""]
     metric_notes = sorted({f"{r['dataset']}: test {r['_label']}" for r in rows})
@@ -493,29 +673,78 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
         lines.append(f"| {display_name(label)} | " + " | ".join(cells) + " |")
     lines += [
         "",
+        "## Convergence",
+        "",
+        "Runs whose best validation step is before their last step (validation had stopped "
+        "improving), and runs ended by early stopping (train.patience), per column.",
+        "",
+        "| Column | runs | best step before the last | stopped early |",
+        "|---|---|---|---|",
+    ]
+    for d, s in columns:
+        members = [run for run in runs if (run["dataset"], run["setting"]) == (d, s)]
+        known = [run for run in members if _is_number(run.get("best_step"))]
+        before = sum(run["best_step"] < run.get("steps", run["best_step"]) for run in known)
+        early = sum(run.get("stopped_early") is True for run in members)
+        unknown = (
+            f" ({len(members) - len(known)} without best_step)" if len(known) < len(members) else ""
+        )
+        lines.append(f"| {_column_title(d, s)} | {len(members)} | {before}{unknown} | {early} |")
+    lines += [
+        "",
         f"## Δ vs {display_name(REFERENCE)}",
         "",
-        "Ours: Δ of the means, with the two-sided p-value of a t-test across seeds (paired "
-        "by seed when both norms ran the same seeds). Paper: the same Δ in the paper's table.",
+        "Δ: the norm minus LayerNorm in the column's metric. With 2 or more seeds in common, Δ is "
+        "the mean of the per-seed differences over those seeds (a paired t-test and its 95 % t "
+        "interval; n = pairs), else the difference of the means (Welch's t-test and interval; "
+        "n = the norm's seeds). p: two-sided; Holm p: corrected over all "
+        f"{sum(c['p_holm'] is not None for c in comparisons)} tests of this report. Paper: the "
+        "same Δ in the paper's table.",
         "",
-        "| Norm | " + " | ".join(_column_title(d, s) for d, s in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
+        VERDICT_RULE,
+        "",
+        "| Column | Norm | Δ | 95 % CI | test (n) | p | Holm p | verdict | paper Δ |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for label in labels:
-        if label == REFERENCE:
-            continue
-        cells = []
-        for d, s in columns:
+    for d, s in columns:
+        for label in labels:
             r = by_key.get((d, s, label))
-            if r is None or r["_delta"] is None:
-                cells.append("—")
+            if r is None or r["_cmp"] is None:
                 continue
-            p = f"p={r['_p']:.3f}, {r['_test']}" if r["_p"] is not None else r["_test"]
-            cell = f"{r['_delta']:+.2f} ({p})"
-            if r["_paper_delta"] is not None:
-                cell += f" · paper {r['_paper_delta']:+.2f}"
-            cells.append(cell)
-        lines.append(f"| {display_name(label)} | " + " | ".join(cells) + " |")
+            lines.append(
+                _comparison_line(
+                    _column_title(d, s), display_name(label), r["_cmp"], r["_paper_delta"]
+                )
+            )
+    lines += [
+        "",
+        "## The paper's claims",
+        "",
+        "Each claim compares the norm it says is better with the other one (Δ = better − other, "
+        "same statistics and rule as above): **win** supports the claim, **loss** contradicts "
+        "it, **tie** means our seeds cannot tell the two apart. The paper's claims: "
+        + "; ".join(f"{claim}" for claim, _, _ in CLAIMS)
+        + ".",
+        "",
+        "| Column | Claim | Δ | 95 % CI | test (n) | p | Holm p | verdict | paper Δ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _claim, entry in claim_rows:
+        high, low = entry["row"], entry["ref"]
+        paper_high, paper_low = high["_paper"], low["_paper"]
+        paper_delta = (
+            paper_high - paper_low
+            if isinstance(paper_high, (int, float)) and isinstance(paper_low, (int, float))
+            else None
+        )
+        title = f"{display_name(high['norm'])} vs {display_name(low['norm'])}"
+        lines.append(
+            _comparison_line(
+                _column_title(high["dataset"], high["setting"]), title, entry, paper_delta
+            )
+        )
+    if not claim_rows:
+        lines.append("| — | no column has the norms of a claim | | | | | | | |")
 
     files: list[Path] = []
     plot_lines = ["", "## Loss curves", ""]
@@ -553,9 +782,15 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
             "paper_delta_vs_layernorm",
             "per_seed",
             "setting",
+            "ci95_low",
+            "ci95_high",
+            "n_compared",
+            "p_holm",
+            "verdict",
         ]
     )
     for r in rows:
+        cmp_result = r["_cmp"]["result"] if r["_cmp"] else None
         writer.writerow(
             [
                 r["dataset"],
@@ -565,12 +800,17 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
                 "" if r["std"] is None else f"{r['std']:.6g}",
                 r["n"],
                 "" if r["_paper"] is None else r["_paper"],
-                "" if r["_delta"] is None else f"{r['_delta']:.6g}",
-                "" if r["_p"] is None else f"{r['_p']:.6g}",
-                r["_test"],
+                _g(cmp_result.delta if cmp_result else None),
+                _g(cmp_result.p if cmp_result else None),
+                cmp_result.test if cmp_result else "",
                 "" if r["_paper_delta"] is None else f"{r['_paper_delta']:.6g}",
                 ";".join(f"{s}:{v:.6g}" for s, v in sorted(r["_seeds"].items())),
                 r["setting"],
+                _g(cmp_result.low if cmp_result else None),
+                _g(cmp_result.high if cmp_result else None),
+                cmp_result.n if cmp_result else "",
+                _g(r["_cmp"]["p_holm"] if cmp_result else None),
+                r["_cmp"]["verdict"] if cmp_result else "",
             ]
         )
     atomic_write_text(out / "report.md", markdown)
