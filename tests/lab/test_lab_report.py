@@ -544,6 +544,7 @@ def test_textcls_select_regenerates_its_reports_in_place(tmp_path: Path) -> None
 
 REGENERATE = {  # results directory -> the command its README gives
     "mnist": "adanorm report results/mnist/runs --out results/mnist",
+    "mnist_converge": "adanorm report results/mnist_converge/runs --out results/mnist_converge",
     "lm": "adanorm report results/lm/runs --out results/lm",
     "mt": "adanorm report results/mt/runs --out results/mt",
     "parsing": "adanorm report results/parsing/runs --out results/parsing",
