@@ -672,3 +672,16 @@ def test_first_build_killed_midway_does_not_hang_later_processes(fast_kernels, t
                           text=True, timeout=900, check=False)
     assert done.returncode == 0 and "READY True loaded" in done.stdout, done.stderr[-2000:]
     assert not (directory / "lock").exists()
+
+
+def test_detachnorm_double_backward_from_saved_rstd_takes_any_leading_shape():
+    """The CUDA C++ path passes N-d inputs straight to the kernel, so the rstd it saves has one
+    value per row of an N-d tensor; the create_graph backward must broadcast it per row."""
+    from adanorm.reference import saved_input_grad_ref
+
+    g = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    rstd = torch.rand(6, dtype=torch.float64) + 0.5
+    dx = saved_input_grad_ref(g, None, rstd, 1e-5, False, True, True, None, 0.1)
+    torch.testing.assert_close(dx, g * rstd.view(2, 3, 1))
+    (dg,) = torch.autograd.grad(dx.sum(), g)
+    torch.testing.assert_close(dg, rstd.view(2, 3, 1).expand(2, 3, 8))

@@ -219,7 +219,7 @@ _WHY_CPP = "the fused C++ kernel"
 _WHY_CPP_MISSING = "the C++ extension is disabled or failed to build (see cpu_extension)"
 _WHY_CPP_UNTRACED = "the C++ extension was not loaded before torch.compile traced this call"
 _WHY_TRITON = "the Triton kernel"
-_WHY_CUDA_CPP = "the fused CUDA C++ kernel"
+_WHY_CUDA_CPP = "the fused CUDA C++ kernel (Triton from 2^28 float32 / 2^26 16-bit elements)"
 _WHY_TRITON_MISSING = "no fused CUDA kernel is available (see cuda)"
 _WHY_TRITON_WIDTH = "the row is wider than the fused CUDA kernels take"
 _WHY_DEVICE = "no fused kernel for this device"
@@ -634,13 +634,6 @@ class _NormFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
-def _cuda_cpp_norm(
-    x: Tensor, eps: float, unbiased: bool, detach_mean: bool, detach_std: bool,
-    scale: float | None, k: float,
-) -> Tensor:
-    return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
-
-
 def _normalize(
     input: Tensor,
     normalized_shape: ShapeLike,
@@ -684,10 +677,7 @@ def _normalize(
     if backend in (CUDA_CPP, TRITON):
         # The CUDA kernels take any leading shape: no reshape, so no view nodes in the graph.
         kernel = _kernels.cuda_backend(width, input.element_size(), input.numel())
-        if kernel == CUDA_CPP:
-            out = _cuda_cpp_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
-        else:
-            out = _kernels.cuda_norm(input, eps, unbiased, detach_mean, detach_std, scale, k)
+        out = _kernels.cuda_norm(input, eps, unbiased, detach_mean, detach_std, scale, k, kernel)
         if out is not None:
             if not compiling:
                 _record((device_type, input.dtype, kernel, affine, unbiased, detach_mean,

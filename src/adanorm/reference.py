@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["normalize_ref", "input_grad_ref"]
+__all__ = ["normalize_ref", "input_grad_ref", "saved_input_grad_ref"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -114,3 +114,27 @@ def input_grad_ref(
             out, source, grad_out.to(out.dtype), create_graph=create_graph
         )
     return grad_x.to(grad_out.dtype)
+
+
+def saved_input_grad_ref(
+    grad_out: Tensor,
+    x: Tensor | None,
+    rstd: Tensor,
+    eps: float,
+    unbiased: bool,
+    detach_mean: bool,
+    detach_std: bool,
+    scale: float | None,
+    k: float,
+) -> Tensor:
+    """:func:`input_grad_ref` from what a fused kernel saved for backward: the input, or (DetachNorm
+    with both statistics detached) only its per-row 1/sigma, when dx = g / sigma is linear in g.
+
+    The fused paths call this from their backward under ``create_graph=True``."""
+    if x is None:
+        row_rstd = rstd.reshape(*grad_out.shape[:-1], 1)  # one value per row, any leading shape
+        return (grad_out.to(rstd.dtype) * row_rstd).to(grad_out.dtype)
+    return input_grad_ref(
+        grad_out, x, x.shape[-1], eps, std_mode="unbiased" if unbiased else "biased",
+        detach_mean=detach_mean, detach_std=detach_std, scale=scale, k=k,
+    )

@@ -186,16 +186,11 @@ def _register_double_backward() -> None:
     # the backward is being recorded (create_graph=True).  Registered as CompositeImplicitAutograd,
     # so autograd records the plain tensor operations of the reference gradient: second
     # derivatives are exact, with the detached statistics constant.
-    from ..reference import input_grad_ref
+    from ..reference import saved_input_grad_ref
 
-    @torch.library.impl("adanorm::norm_input_grad", "CompositeImplicitAutograd")
-    def _norm_input_grad(grad, x, rstd, eps, unbiased, detach_mean, detach_std, scale, k):
-        if x is None:  # DetachNorm: dx = g / sigma with sigma constant, linear in g
-            return (grad.to(rstd.dtype) * rstd.unsqueeze(-1)).to(grad.dtype)
-        return input_grad_ref(
-            grad, x, x.shape[-1], eps, std_mode="unbiased" if unbiased else "biased",
-            detach_mean=detach_mean, detach_std=detach_std, scale=scale, k=k,
-        )
+    torch.library.impl("adanorm::norm_input_grad", "CompositeImplicitAutograd")(
+        saved_input_grad_ref
+    )
 
 
 class BuildLockTimeout(RuntimeError):
@@ -435,8 +430,14 @@ def _cuda_cpp_ready() -> bool:
                   flush=True)
         try:
             _load_cuda_library()
-        except Exception as error:
+        except Exception as error:  # any build or load failure: Triton (or the fallback) runs
             _cuda_cpp_failure = f"{type(error).__name__}: {str(error)[-400:]}"
+            warnings.warn(
+                f"adanorm: building the CUDA C++ kernels failed ({_cuda_cpp_failure}); using the "
+                f"Triton kernels if available, else the pure-PyTorch ones.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         else:
             _cuda_cpp_state = True
     return _cuda_cpp_state
@@ -516,9 +517,9 @@ def cuda_backend(width: int, element_size: int = 4, numel: int = 0) -> str | Non
     """Which fused CUDA kernel takes a tensor of ``numel`` elements in rows of ``width``:
     ``"cuda-cpp"``, ``"triton"`` or None.
 
-    The C++ kernels cost about native's host time per call, the Triton kernels about 250 µs more
-    per fwd+bwd but less GPU time on large tensors (16-bit ones especially): from
-    ``_TRITON_FROM_NUMEL`` elements on, Triton wins even as the user meets it (measured on an H200,
+    The C++ kernels cost about native's host time per call, the Triton kernels 200-270 µs more
+    per fwd+bwd (2048 x 256 on an H200) but less GPU time on large tensors, 16-bit ones
+    especially: from ``_TRITON_FROM_NUMEL`` elements on, Triton wins as the user meets it (H200,
     benchmarks/results/gpu_check.json)."""
     triton = _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values())
     if triton and numel >= _TRITON_FROM_NUMEL.get(element_size, 2**62):
@@ -536,20 +537,18 @@ def cuda_norm(
     detach_std: bool,
     scale: float | None,
     k: float,
+    kernel: str | None = None,
 ) -> torch.Tensor | None:
     """The fused CUDA kernels on a CUDA tensor normalized over its last dimension (any leading
-    shape), or None where none applies (rows too wide).  Call only after
+    shape), or None where none applies (rows too wide).  ``kernel`` is :func:`cuda_backend`'s
+    choice for ``x`` when the caller already made it.  Call only after
     :func:`cuda_kernels_ready` returned True."""
-    width = x.shape[-1]
-    kernel = cuda_backend(width, x.element_size(), x.numel())
+    if kernel is None:
+        kernel = cuda_backend(x.shape[-1], x.element_size(), x.numel())
     if kernel == "cuda-cpp":
-        return _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k)
-    if kernel is None or not _triton_module.supports(x.reshape(-1, width)):
-        return None
-    return _triton_module.norm(
-        x.reshape(-1, width), eps, unbiased, detach_mean, detach_std, scale, k
-    ).view(x.shape)
-
-
-def _cuda_norm_op(x, eps, unbiased, detach_mean, detach_std, scale, k):
-    return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
+        return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
+    if kernel == "triton":
+        rows = x.reshape(-1, x.shape[-1])
+        out = _triton_module.norm(rows, eps, unbiased, detach_mean, detach_std, scale, k)
+        return out.view(x.shape)
+    return None

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import input_grad_ref
+from ..reference import saved_input_grad_ref
 
 __all__ = ["norm", "supports", "max_width", "launch_config", "WARPS"]
 
@@ -226,19 +226,6 @@ def _backward(
     return dx
 
 
-def _differentiable_backward(
-    grad: Tensor, x: Tensor | None, rstd: Tensor, eps: float, unbiased: bool,
-    detach_mean: bool, detach_std: bool, scale: float | None, k: float,
-) -> Tensor:
-    """The input gradient as a graph of ordinary ops, for ``create_graph=True``."""
-    if x is None:  # DetachNorm: dx = g / sigma with sigma constant.
-        return (grad.float() * rstd[:, None]).to(grad.dtype)
-    return input_grad_ref(
-        grad, x, x.shape[-1], eps, std_mode="unbiased" if unbiased else "biased",
-        detach_mean=detach_mean, detach_std=detach_std, scale=scale, k=k,
-    )
-
-
 # ---- eager: a plain autograd.Function --------------------------------------------------------
 
 
@@ -255,7 +242,7 @@ class _TritonNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # a graph of the backward was asked for
-            dx = _differentiable_backward(grad_out, x, rstd, *ctx.flags)
+            dx = saved_input_grad_ref(grad_out, x, rstd, *ctx.flags)
         else:
             dx = _backward(grad_out, x, rstd, *ctx.flags)
         return dx, None, None, None, None, None, None
@@ -321,7 +308,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _op_backward(ctx, grad_out, _grad_rstd):
     x, rstd = ctx.saved_tensors
     if torch.is_grad_enabled():
-        dx = _differentiable_backward(grad_out, x, rstd, *ctx.flags)
+        dx = saved_input_grad_ref(grad_out, x, rstd, *ctx.flags)
     else:
         dx = _norm_backward_op(grad_out, x, rstd, *ctx.flags)
     return dx, None, None, None, None, None, None
