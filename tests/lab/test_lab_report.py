@@ -16,7 +16,16 @@ import yaml
 from lab_helpers import REPO
 
 from adanorm.lab.paper_numbers import paper_number, paper_table
-from adanorm.lab.report import ReportError, compare, holm, verdict, write_report
+from adanorm.lab.report import (
+    ReportError,
+    collect_runs,
+    compare,
+    holm,
+    label_settings,
+    summarize,
+    verdict,
+    write_report,
+)
 from adanorm.lab.runinfo import norm_label
 from adanorm.lab.sweep import plan_sweep, run_sweep
 
@@ -418,6 +427,48 @@ def test_a_duplicate_seed_is_an_error_naming_both_run_directories(tmp_path: Path
     with pytest.raises(ReportError, match="seed 1 of mnist layernorm ran twice") as caught:
         write_report(tmp_path)
     assert str(first) in str(caught.value) and str(second) in str(caught.value)
+
+
+def _cv_run(root: Path, norm: str, fold: int, acc: float, seed: int = 1) -> Path:
+    return _fake_run(
+        root / f"fold{fold}", "rt", norm, seed, acc,
+        config={"data.protocol": "cv10", "data.cv_fold": fold},
+    )
+
+
+def test_cross_validation_folds_are_replicates_paired_by_fold(tmp_path: Path) -> None:
+    # Without fold replicates, the 10 folds of RT cv10 were 10 columns of n = 1 (or, pooled by
+    # seed, one "seed 1 ran twice" error).  AdaNorm is LayerNorm + 1 on every fold: a paired
+    # test sees a constant difference, a test across unpaired folds would not.
+    ln = {0: 70.0, 1: 75.0, 2: 72.0}
+    for fold, acc in ln.items():
+        _cv_run(tmp_path, "layernorm", fold, acc)
+        _cv_run(tmp_path, "adanorm", fold, acc + 1.0)
+    runs = collect_runs(tmp_path)
+    label_settings(runs, refuse_mixed=True)
+    rows = {r["norm"]: r for r in summarize(runs)}
+    assert set(rows) == {"layernorm", "adanorm"} and rows["layernorm"]["n"] == 3
+    assert rows["adanorm"]["_seeds"] == {f"fold{f}/seed1": acc + 1.0 for f, acc in ln.items()}
+    paired = compare(rows["adanorm"]["_seeds"], rows["layernorm"]["_seeds"])
+    assert paired.test == "paired t" and paired.n == 3 and paired.delta == pytest.approx(1.0)
+    assert paired.p == 0.0
+    md = write_report(tmp_path).markdown
+    assert re.search(r"\| rt \| AdaNorm \| \+?1\.00? \|.* paired t \(3\) \|", md), md
+
+
+def test_a_cross_validation_fold_run_twice_is_an_error(tmp_path: Path) -> None:
+    _cv_run(tmp_path, "layernorm", 4, 70.0)
+    _cv_run(tmp_path / "again", "layernorm", 4, 71.0)
+    with pytest.raises(ReportError, match="seed fold4/seed1 of rt layernorm ran twice"):
+        write_report(tmp_path)
+
+
+def test_a_fold_outside_cross_validation_still_splits_a_column(tmp_path: Path) -> None:
+    # data.cv_fold is a replicate key only under a cross-validation protocol.
+    _fake_run(tmp_path, "rt", "layernorm", 1, 70.0, config={"data.cv_fold": 0})
+    _fake_run(tmp_path / "b", "rt", "layernorm", 2, 71.0, config={"data.cv_fold": 1})
+    rows = _rows(write_report(tmp_path))
+    assert len(rows) == 2
 
 
 def test_one_label_for_two_different_norms_is_an_error(tmp_path: Path) -> None:

@@ -97,6 +97,10 @@ IGNORED_KEYS = frozenset(
     }
 )
 ROW_KEYS = frozenset({"model.norm", "model.norm_kwargs"})
+# Under k-fold cross-validation (data.protocol cv10) each fold is a replicate of the experiment,
+# like a seed: runs are pooled and paired over (fold, seed), never split into one column per fold.
+FOLD_KEY = "data.cv_fold"
+CV_PROTOCOLS = frozenset({"cv10"})
 # The device type a run trained on (cpu, cuda), from run.json's environment.device: on CUDA,
 # TF32 matmuls and different kernels change the numerics by more than summation order does.
 DEVICE_KEY = "device"
@@ -168,6 +172,8 @@ def config_identity(config: dict[str, Any], device: str | None) -> dict[str, str
     flat = _flatten(config)
     for key, value in LEGACY_DEFAULTS.items():
         flat.setdefault(key, value)
+    if flat.get("data.protocol") in CV_PROTOCOLS:
+        flat.pop(FOLD_KEY, None)  # a replicate key (see replicate_id), not part of the config
     identity = {
         key: json.dumps(value, sort_keys=True)
         for key, value in flat.items()
@@ -234,6 +240,22 @@ def _read_device(run_dir: Path, fix: str) -> str | None:
     return device.partition(":")[0]  # cuda:1 and cuda:0 are the same kind of device
 
 
+def replicate_id(config: dict[str, Any], seed: int, path: Path, fix: str) -> int | str:
+    """What a run replicates over: its seed, or under cross-validation ``fold<k>/seed<s>``.
+
+    Runs of one config are pooled over replicates and paired across norms by them, so a
+    cross-validated column pairs LayerNorm's fold 3 with AdaNorm's fold 3."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if data.get("protocol") not in CV_PROTOCOLS:
+        return seed
+    fold = data.get(FOLD_KEY.partition(".")[2])
+    if not isinstance(fold, int) or isinstance(fold, bool):
+        raise ReportError(
+            f"{path}: protocol {data['protocol']} without an integer {FOLD_KEY}; {fix}"
+        )
+    return f"fold{fold}/seed{seed}"
+
+
 def collect_runs(root: Path) -> list[dict[str, Any]]:
     """All finished runs below ``root``: each ``results.json``, with ``run_dir`` and
     ``config_identity`` (see :func:`config_identity`) added."""
@@ -254,6 +276,7 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
                 f"{config.get('seed')!r}; {fix}"
             )
         result["run_dir"] = str(path.parent)
+        result["replicate"] = replicate_id(config, result["seed"], path, fix)
         result["config_identity"] = config_identity(config, _read_device(path.parent, fix))
         runs.append(result)
     return runs
@@ -339,6 +362,10 @@ def higher_is_better(result: dict[str, Any]) -> bool:
     )
 
 
+def _replicate(run: dict[str, Any]) -> int | str:
+    return run.get("replicate", int(run["seed"]))
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, setting, norm label): mean, std (sample, ddof=1; None for one seed),
     n.  Runs without a ``setting`` (see :func:`label_settings`) count as setting "".  Two runs of
@@ -355,9 +382,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"the label {label} of {dataset} stands for several norms ({several}), e.g. in "
                 f"{members[0]['run_dir']}; give them kwargs that print differently"
             )
-        by_seed: dict[int, dict[str, Any]] = {}
+        by_seed: dict[int | str, dict[str, Any]] = {}
         for member in members:
-            seed = int(member["seed"])
+            seed = _replicate(member)
             if seed in by_seed:
                 raise ReportError(
                     f"seed {seed} of {dataset} {label} ran twice with the same config: "
@@ -376,7 +403,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else None,
                 "n": len(values),
-                "_seeds": {int(m["seed"]): float(m["test"][metric]) for m in members},
+                "_seeds": {_replicate(m): float(m["test"][metric]) for m in members},
                 "_norm": members[0]["norm"],
                 "_label": members[0].get("test_metric_label", metric),
                 "_higher": higher_is_better(members[0]),
