@@ -11,7 +11,10 @@
 #   mnist:      the `converge` preset, every norm and AdaNorm at C = 0.5, 1, 2, 3, seeds added
 #               one at a time (1, then 1-2, ...) so a cut-off sweep stays balanced;
 #   textcls:    the `converge` preset on SST-5 (seeds one at a time), then RT's 10 folds.
-# After SECONDS every lane is stopped; unfinished runs are left for the next call.
+#   lm, parsing, mt (later calls: LANES="lm parsing mt"): the `converge` presets, seeds one at a
+#               time (LM to 5 seeds, parsing and MT to 3).
+# LANES (default "divergence mnist textcls") picks the lanes.  After SECONDS every lane is
+# stopped; unfinished runs are left for the next call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 data=${1:?usage: gpu_sweep.sh DATA_DIR SECONDS [MT_CACHE_DIR]}
@@ -51,9 +54,30 @@ lane_textcls() {
   done
 }
 
+lane_lm() {
+  for seeds in 1 1,2 1,2,3 1,2,3,4 1,2,3,4,5; do
+    $ad sweep lm --preset converge --datasets tiny_shakespeare --norms $norms \
+      --scales 0.5,1,2,3 --seeds "$seeds" --jobs 8 --out results/converge/lm/runs --no-report \
+      --set "${cuda[@]}"
+  done
+}
+lane_parsing() {
+  for seeds in 1 1,2 1,2,3; do
+    $ad sweep parsing --preset converge --datasets ewt --norms $norms --scales 0.5,1,2,3 \
+      --seeds "$seeds" --jobs 8 --out results/converge/parsing/runs --no-report \
+      --set "${cuda[@]}"
+  done
+}
+lane_mt() {
+  for seeds in 1 1,2 1,2,3; do
+    $ad sweep mt --preset converge --datasets multi30k --norms $norms --scales 0.5,1,2,3 \
+      --seeds "$seeds" --jobs 8 --out results/converge/mt/runs --no-report --set "${mt_set[@]}"
+  done
+}
+
 started=$SECONDS
 pids=()
-for lane in divergence mnist textcls; do
+for lane in ${LANES:-divergence mnist textcls}; do
   setsid bash -c "$(declare -f lane_$lane); $(declare -p ad norms cuda mt_set); lane_$lane" \
     > "results/converge/lane_$lane.log" 2>&1 &
   pids+=($!)
