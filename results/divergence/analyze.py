@@ -61,15 +61,19 @@ def classify(run: Path) -> dict:
     log = (run / "train.log").read_text(errors="replace") if (run / "train.log").exists() else ""
     out = {"train": train, "valid": valid, "last_train": train[-1][1] if train else None,
            "valid_loss": valid[-1][1] if valid else None}
+    exploded = None
+    if train:
+        start = train[0][1]
+        exploded = next(((step, loss) for step, loss in train
+                         if step > EXPLODE_AFTER and (not math.isfinite(loss) or loss > start)),
+                        None)
+    out["exploded"] = exploded
     found = NONFINITE.search(log)
     if found:
         return {**out, "outcome": "non-finite", "step": int(found.group(2)),
                 "loss": float(found.group(1))}
-    if train:
-        start = train[0][1]
-        for step, loss in train:
-            if step > EXPLODE_AFTER and (not math.isfinite(loss) or loss > start):
-                return {**out, "outcome": "exploded", "step": step, "loss": loss}
+    if exploded:
+        return {**out, "outcome": "exploded", "step": exploded[0], "loss": exploded[1]}
     if (run / "results.json").exists():
         return {**out, "outcome": "trained", "step": None, "loss": None}
     return {**out, "outcome": "unfinished", "step": train[-1][0] if train else 0, "loss": None}
@@ -77,6 +81,15 @@ def classify(run: Path) -> dict:
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _where(seed: int, info: dict) -> str:
+    parts = []
+    if info["exploded"]:
+        parts.append(f"above its start at {info['exploded'][0]} ({_fmt(info['exploded'][1])})")
+    if info["outcome"] == "non-finite":
+        parts.append(f"loss {info['loss']} at {info['step']}")
+    return f"seed {seed}: " + ", ".join(parts)
 
 
 def main(root: Path) -> None:
@@ -97,17 +110,15 @@ def main(root: Path) -> None:
         "first logged one (update 10); **trained** = neither, over all its updates; "
         "**unfinished** = stopped by the sweep's time limit (not counted).",
         "",
-        "| Arm | Norm | Outcome per seed | Where (update: loss) | Last train loss | Valid loss |",
+        "| Arm | Norm | Outcome per seed | Where (update) | Last logged train loss | Valid loss |",
         "|---|---|---|---|---|---|",
     ]
     for arm in sorted(arms, key=lambda a: list(ARM_TITLES).index(a) if a in ARM_TITLES else 99):
         for norm in sorted(arms[arm], key=lambda n: NORM_ORDER.index(n) if n in NORM_ORDER else 99):
             seeds = arms[arm][norm]
             outcome = ", ".join(f"{s}: {seeds[s]['outcome']}" for s in sorted(seeds))
-            where = ", ".join(
-                f"{s}: {seeds[s]['step']}: {_fmt(seeds[s]['loss'])}"
-                for s in sorted(seeds) if seeds[s]["outcome"] in ("non-finite", "exploded")
-            ) or "—"
+            where = "; ".join(_where(s, seeds[s]) for s in sorted(seeds)
+                              if seeds[s]["outcome"] in ("non-finite", "exploded")) or "—"
             last = ", ".join(_fmt(seeds[s]["last_train"]) for s in sorted(seeds))
             valid = ", ".join(_fmt(seeds[s]["valid_loss"]) for s in sorted(seeds))
             lines.append(f"| {ARM_TITLES.get(arm, arm)} | {NORM_NAMES.get(norm, norm)} | "
