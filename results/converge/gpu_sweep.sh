@@ -7,7 +7,8 @@
 # skipped, so re-running the script on a machine holding the committed runs continues them):
 #   divergence: the deep post-norm Transformer (mt `diverge` preset) for LayerNorm, w/o Norm,
 #               DetachNorm and AdaNorm (C = 2, the authors' De-En choice), seeds 1-3, at the
-#               paper's warm-up, then with 400 warm-up updates;
+#               paper's warm-up, then with 400 warm-up updates; the four norms side by side, and
+#               a run that stopped on a non-finite loss is never re-run;
 #   mnist:      the `converge` preset, every norm and AdaNorm at C = 0.5, 1, 2, 3, seeds added
 #               one at a time (1, then 1-2, ...) so a cut-off sweep stays balanced;
 #   textcls:    the `converge` preset on SST-5 (seeds one at a time), then RT's 10 folds.
@@ -29,11 +30,25 @@ mt_set=("${cuda[@]}" train.progress=false)
 [ -n "$mt_cache" ] && mt_set+=("data.cache_dir=$mt_cache")
 
 lane_divergence() {
+  # A run that stopped on a non-finite loss is an outcome, not an unfinished run: never re-run it.
   for arm in paper_warmup:8000 short_warmup:400; do
-    $ad sweep mt --preset diverge --datasets multi30k \
-      --norms layernorm,none,detachnorm,adanorm --scales 2 --seeds 1,2,3 --jobs 4 \
-      --out "results/divergence/${arm%%:*}/runs" --no-report \
-      --set "${mt_set[@]}" "schedule.warmup_steps=${arm##*:}"
+    out="results/divergence/${arm%%:*}/runs"
+    for norm in none detachnorm layernorm adanorm; do
+      label=$norm scales=()
+      [ "$norm" = adanorm ] && label=adanorm_C2 scales=(--scales 2)
+      seeds=""
+      for seed in 1 2 3; do
+        run="$out/multi30k/$label/seed$seed"
+        [ -f "$run/results.json" ] && continue
+        grep -qs "non-finite training loss" "$run/train.log" && continue
+        seeds+="${seeds:+,}$seed"
+      done
+      [ -n "$seeds" ] || continue
+      $ad sweep mt --preset diverge --datasets multi30k --norms "$norm" "${scales[@]}" \
+        --seeds "$seeds" --jobs 3 --out "$out" --no-report \
+        --set "${mt_set[@]}" "schedule.warmup_steps=${arm##*:}" &
+    done
+    wait
   done
 }
 lane_mnist() {
