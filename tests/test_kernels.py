@@ -610,15 +610,21 @@ def test_cuda_backend_policy(monkeypatch):
 
     monkeypatch.setattr(_kernels, "_triton_module", FakeTriton)
     monkeypatch.setattr(_kernels, "_cuda_cpp_state", True)
-    # The C++ kernels: 16-byte vector widths up to 16384, other widths up to 4096.
+    # The C++ kernels take every width up to 16384 (element by element where the width is not a
+    # multiple of the 16-byte vector), and every tensor size: no size routes to Triton.
     assert _kernels.cuda_backend(1024, 4, 2048 * 1024) == "cuda-cpp"
-    assert _kernels.cuda_backend(4099, 4, 4099) == "triton"
-    assert _kernels.cuda_backend(4095, 2, 4095) == "cuda-cpp"
+    assert _kernels.cuda_backend(4099, 4, 4099) == "cuda-cpp"
+    assert _kernels.cuda_backend(16383, 2, 16383) == "cuda-cpp"
     assert _kernels.cuda_cpp_takes(16384, 2) and not _kernels.cuda_cpp_takes(16392, 4)
-    # Large tensors go to Triton: fp32 from 2^28 elements, 16-bit from 2^26.
-    assert _kernels.cuda_backend(8192, 4, 2**28) == "triton"
-    assert _kernels.cuda_backend(8192, 4, 2**28 - 8192) == "cuda-cpp"
+    assert _kernels.cuda_backend(8192, 4, 2**28) == "cuda-cpp"
+    assert _kernels.cuda_backend(4096, 2, 2**26) == "cuda-cpp"
+    assert _kernels.cuda_cpp_takes_all(4096, 2) and not _kernels.cuda_cpp_takes_all(16385, 4)
+    # A size threshold, where one is set, sends large tensors to Triton.
+    monkeypatch.setattr(_kernels, "_TRITON_FROM_NUMEL", {2: 2**26})
     assert _kernels.cuda_backend(4096, 2, 2**26) == "triton"
+    assert _kernels.cuda_backend(4096, 2, 2**26 - 4096) == "cuda-cpp"
+    assert not _kernels.cuda_cpp_takes_all(4096, 2) and _kernels.cuda_cpp_takes_all(4096, 4)
+    monkeypatch.setattr(_kernels, "_TRITON_FROM_NUMEL", {})
     # Without Triton everything the C++ kernels take stays there; wider rows have no kernel.
     monkeypatch.setattr(_kernels, "_triton_module", None)
     assert _kernels.cuda_backend(4096, 2, 2**30) == "cuda-cpp"
