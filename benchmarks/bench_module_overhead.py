@@ -1,4 +1,4 @@
-"""Host cost per call of the norm modules against the bare ``adanorm::norm`` op and native LayerNorm.
+"""Host cost per call of the norm modules against the bare ``adanorm::norm`` op and native LN.
 
 On a tiny tensor (default 64 x 256, float32, CPU) the kernels take a few microseconds, so the
 timings show the Python and dispatcher work around them: the same work that decides whether a
