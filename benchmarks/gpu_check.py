@@ -3,11 +3,13 @@
 Run through ``benchmarks/gpu_check.sh`` (which also runs the lab smoke on CUDA).  On the current
 CUDA device, in this order, writing everything to one JSON file as it goes:
 
-1. **correctness** of the public functional path (which runs the Triton kernels) against the
-   float64 reference, for every variant x std_mode x fp32/bf16/fp16 x several widths; rows of huge
+1. **correctness** of the public functional path (the CUDA C++ kernels, Triton where nvcc is
+   missing) against the float64 reference, for every variant x std_mode x fp32/bf16/fp16 x
+   several widths; the **cuda_cpp_sweep** of ``adanorm::norm`` itself over widths 1 to 16384 at
+   every launch-shape boundary, aligned, misaligned and sliced inputs; rows of huge
    magnitude (1e19 to 3e38 in fp32); near-constant rows in unbiased mode (sigma 1e-8 to 1e-2);
    second derivatives (fp32 against float64); ``torch.compile(fullgraph=True)`` (inductor) and
-   ``torch.export``; that the eager path really is the Triton autograd.Function.
+   ``torch.export``; that the eager path runs a fused autograd node (C++ or Triton).
 2. **tuning**: for every BLOCK, element size and direction, the forward/backward kernels at each
    candidate warp count (median device time), with the compiler's register and spill counts; the
    fastest count is installed for the rest of the run and recorded (``tuning``).
@@ -18,7 +20,8 @@ CUDA device, in this order, writing everything to one JSON file as it goes:
    between calls, so host overhead shows where it exceeds the GPU work) and ``device`` (the queue
    pre-filled behind a sleep kernel, so only GPU execution is timed).
 4. **host enqueue** per call (perf_counter over many calls without synchronizing), fwd+bwd and
-   fwd, paired rounds, at a shape where the host is the bottleneck.
+   fwd, paired rounds, at a shape where the host is the bottleneck: the functional forms against
+   ``F.layer_norm``, the ``AdaNorm``/``DetachNorm`` modules against ``nn.LayerNorm``.
 5. **bandwidth** of AdaNorm fwd+bwd at bf16 (16384, 4096) and (32768, 8192): 5 tensor passes
    over device time, against a measured device-to-device copy.
 6. **end to end**: the lm ``paper`` model (12-layer Transformer-XL, d 512, tgt_len 512, mem_len
@@ -207,8 +210,8 @@ def _compile_export_checks() -> list[dict]:
 
 
 def check_correctness() -> list[dict]:
-    # 7 and 33: element-wise loads; 1000, 16384: 16-byte vectors; 4099: wider than the C++
-    # kernels read element-wise, so the Triton kernel takes it.
+    # 7, 33 and 4099: element-wise loads (warp per row, then block per row); 1000, 16384: 16-byte
+    # vectors where the layout allows (see _case).
     widths = {"fp32": (7, 33, 1000, 4099, 16384), "bf16": (7, 1000, 4099, 16384),
               "fp16": (33, 1000)}
     jobs = [(dtype, width, name, std_mode)
