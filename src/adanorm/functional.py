@@ -658,7 +658,8 @@ def _normalize(
     detach_mean, detach_std = bool(detach_mean), bool(detach_std)
     plain = not (unbiased or detach_mean or detach_std or ada)
     compiling = torch.compiler.is_compiling()
-    device_type = "cpu" if input.is_cpu else input.device.type
+    # (input.device builds a device object: ~0.4 µs a call on the hot path)
+    device_type = "cpu" if input.is_cpu else "cuda" if input.is_cuda else input.device.type
     backend, why = select_backend(
         device_type, input.dtype, affine=affine, plain=plain, prefer_fused=prefer_fused,
         compiling=compiling,
