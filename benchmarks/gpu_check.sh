@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue #14 in one bounded run (about 8 minutes on an H200, the one-time kernel builds included):
+# The GPU check of issue #14 in one bounded run (about 6-7 minutes on an H200 with the lab smoke,
+# the one-time kernel builds included):
 #   1. benchmarks/gpu_check.py: correctness, kernel tuning, paired timings, host enqueue,
 #      bandwidth and the end-to-end lm step (bounded to 6 minutes);
 #   2. benchmarks/gpu_lab_smoke.py: every task on CUDA under bf16 and fp16 autocast (2.5 minutes).
