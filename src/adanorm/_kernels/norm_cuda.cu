@@ -42,7 +42,13 @@ namespace {
 constexpr int kMaxThreads = 512;        // threads of a block-per-row launch (16 warps)
 constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kMaxPerThread = 32;       // row elements a thread keeps in registers
-constexpr int kSoftPerThread = 16;      // preferred: more threads per row before more per thread
+// Block-per-row rows: threads are added while a thread would hold more than this many chunks
+// (16 float32 or 32 16-bit elements with 16-byte vectors, 16 element-wise).  The Triton kernels
+// of the same design measured this on an H200 (benchmarks/results/gpu_tuning.json): 16-bit rows
+// move the most bytes with 32 elements per thread (bf16 8192: 3987 / 3304 GB/s forward / backward
+// at 8 warps against 3676 / 2853 at 16), float32 rows are flat from 8 to 32.
+constexpr int kSoftChunksPerThread = 4;
+constexpr int kSoftPerThreadScalar = 16;
 constexpr int kWarpRowsPerBlock = 4;    // warp-per-row launches: 4 rows (warps) per block
 constexpr int kMaxWidth = kMaxThreads * kMaxPerThread;  // 16384, _kernels.CUDA_MAX_WIDTH
 constexpr float kRescaleAbove = 1.0e15f;
@@ -376,7 +382,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) backward_kernel(
 // VEC elements per 16-byte access where every pointer is 16-byte aligned and the width a
 // multiple of VEC, else 1.  Rows whose chunks fit kMaxPerThread elements per lane of one warp get
 // a warp each; wider rows a block whose thread count doubles from 64 while a thread would hold
-// more than kSoftPerThread elements (at most kMaxThreads), then KV chunks per thread.
+// more than kSoftChunksPerThread vectors (kSoftPerThreadScalar elements element-wise), up to
+// kMaxThreads, then KV chunks per thread.
 struct Launch {
   int vec;
   bool warp_row;
@@ -400,7 +407,7 @@ Launch launch_for(int64_t n, int64_t element_size, bool aligned) {
   if (chunks <= 32 * max_kv) {
     return {vec, true, 32, next_power_of_two((chunks + 31) / 32)};
   }
-  const int soft_kv = std::max(1, kSoftPerThread / vec);
+  const int soft_kv = vec == 1 ? kSoftPerThreadScalar : kSoftChunksPerThread;
   int threads = 64;
   while (threads < kMaxThreads && static_cast<int64_t>(threads) * soft_kv < chunks) threads *= 2;
   return {vec, false, threads, next_power_of_two((chunks + threads - 1) / threads)};
@@ -439,7 +446,7 @@ void dispatch_launch(const Launch& launch, Body&& body) {
     if (launch.warp_row) {
       with_kv<1, 2, 4>(launch.kv, [&](auto kv) { body(Vector{}, kv, Warp{}); });
     } else {
-      with_kv<2, 4>(launch.kv, [&](auto kv) { body(Vector{}, kv, Block{}); });
+      with_kv<4>(launch.kv, [&](auto kv) { body(Vector{}, kv, Block{}); });
     }
   }
 }
