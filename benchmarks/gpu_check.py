@@ -3,11 +3,13 @@
 Run through ``benchmarks/gpu_check.sh`` (which also runs the lab smoke on CUDA).  On the current
 CUDA device, in this order, writing everything to one JSON file as it goes:
 
-1. **correctness** of the public functional path (which runs the Triton kernels) against the
-   float64 reference, for every variant x std_mode x fp32/bf16/fp16 x several widths; rows of huge
+1. **correctness** of the public functional path (the CUDA C++ kernels, Triton where nvcc is
+   missing) against the float64 reference, for every variant x std_mode x fp32/bf16/fp16 x
+   several widths; the **cuda_cpp_sweep** of ``adanorm::norm`` itself over widths 1 to 16384 at
+   every launch-shape boundary, aligned, misaligned and sliced inputs; rows of huge
    magnitude (1e19 to 3e38 in fp32); near-constant rows in unbiased mode (sigma 1e-8 to 1e-2);
    second derivatives (fp32 against float64); ``torch.compile(fullgraph=True)`` (inductor) and
-   ``torch.export``; that the eager path really is the Triton autograd.Function.
+   ``torch.export``; that the eager path runs a fused autograd node (C++ or Triton).
 2. **tuning**: for every BLOCK, element size and direction, the forward/backward kernels at each
    candidate warp count (median device time), with the compiler's register and spill counts; the
    fastest count is installed for the rest of the run and recorded (``tuning``).
@@ -18,7 +20,8 @@ CUDA device, in this order, writing everything to one JSON file as it goes:
    between calls, so host overhead shows where it exceeds the GPU work) and ``device`` (the queue
    pre-filled behind a sleep kernel, so only GPU execution is timed).
 4. **host enqueue** per call (perf_counter over many calls without synchronizing), fwd+bwd and
-   fwd, paired rounds, at a shape where the host is the bottleneck.
+   fwd, paired rounds, at a shape where the host is the bottleneck: the functional forms against
+   ``F.layer_norm``, the ``AdaNorm``/``DetachNorm`` modules against ``nn.LayerNorm``.
 5. **bandwidth** of AdaNorm fwd+bwd at bf16 (16384, 4096) and (32768, 8192): 5 tensor passes
    over device time, against a measured device-to-device copy.
 6. **end to end**: the lm ``paper`` model (12-layer Transformer-XL, d 512, tgt_len 512, mem_len
@@ -64,6 +67,7 @@ TUNE_CANDIDATES = {256: (1, 2, 4), 512: (1, 2, 4), 1024: (2, 4, 8), 2048: (4, 8,
                    4096: (4, 8, 16), 8192: (8, 16, 32), 16384: (8, 16, 32), 32768: (16, 32),
                    65536: (16, 32)}
 NATIVE = "native F.layer_norm (no affine)"
+NATIVE_MODULE = "nn.LayerNorm module (no affine)"
 
 
 def log(message: str) -> None:
@@ -206,8 +210,8 @@ def _compile_export_checks() -> list[dict]:
 
 
 def check_correctness() -> list[dict]:
-    # 7 and 33: element-wise loads; 1000, 16384: 16-byte vectors; 4099: wider than the C++
-    # kernels read element-wise, so the Triton kernel takes it.
+    # 7, 33 and 4099: element-wise loads (warp per row, then block per row); 1000, 16384: 16-byte
+    # vectors where the layout allows (see _case).
     widths = {"fp32": (7, 33, 1000, 4099, 16384), "bf16": (7, 1000, 4099, 16384),
               "fp16": (33, 1000)}
     jobs = [(dtype, width, name, std_mode)
@@ -233,6 +237,77 @@ def check_correctness() -> list[dict]:
                  "backward_nodes": nodes,
                  "ok": all(any(n in ("CppFunction", "_TritonNormFunctionBackward") for n in v)
                            for v in nodes.values())})
+    return rows
+
+
+# Widths around every boundary of norm_cuda.cu's launch shapes: element-wise (odd) widths on
+# either side of the warp-per-row limits, 16-byte vector widths of both row modes, the widest row.
+SWEEP_WIDTHS = (1, 2, 31, 33, 255, 256, 257, 1000, 1023, 1024, 1025, 1032, 2048, 4095, 4096,
+                8193, 16384)
+SWEEP_LAYOUTS = ("contiguous", "offset", "sliced")
+
+
+def _sweep_input(rows: int, width: int, dtype: torch.dtype, layout: str, gen) -> torch.Tensor:
+    """``rows`` x ``width`` values in one of three memory layouts: a fresh tensor (16-byte
+    aligned), a contiguous view one element into its storage (misaligned: element-wise loads, no
+    copy), or a column slice ``x[:, 1:]`` (not contiguous: the op copies it)."""
+    if layout == "contiguous":
+        return (torch.randn(rows, width, device="cuda", generator=gen) * 3 + 1).to(dtype)
+    if layout == "offset":
+        flat = (torch.randn(rows * width + 1, device="cuda", generator=gen) * 3 + 1).to(dtype)
+        return flat[1:].view(rows, width)
+    wide = (torch.randn(rows, width + 1, device="cuda", generator=gen) * 3 + 1).to(dtype)
+    return wide[:, 1:]
+
+
+def _sweep_case(dtype_name: str, width: int, layout: str) -> list[dict]:
+    """adanorm::norm itself (the CUDA C++ kernels and their C++ autograd), every variant and
+    std_mode, forward and input gradient against the float64 reference; 3 x 13 rows, so the
+    warp-per-row grid has a partly filled last block."""
+    dtype = DTYPES[dtype_name]
+    gen = torch.Generator(device="cuda").manual_seed(width * 7 + len(layout))
+    x2 = _sweep_input(39, width, dtype, layout, gen)
+    g2 = _sweep_input(39, width, dtype, "offset" if layout == "offset" else "contiguous", gen)
+    x = x2.view(3, 13, width) if x2.is_contiguous() else x2.unflatten(0, (3, 13))
+    g = g2.view(3, 13, width)
+    rows = []
+    for name, kwargs in VARIANTS.items():
+        for std_mode in ("biased", "unbiased"):
+            if std_mode == "unbiased" and width < 2:
+                continue
+            leaf = x.detach().requires_grad_()
+            out = torch.ops.adanorm.norm.default(
+                leaf, 1e-5, std_mode == "unbiased", kwargs.get("detach_mean", False),
+                kwargs.get("detach_std", False), kwargs.get("scale"), kwargs.get("k", 0.1))
+            (dx,) = torch.autograd.grad(out, leaf, g)
+            x64 = leaf.detach().double().requires_grad_()
+            ref = normalize_ref(x64, width, std_mode=std_mode, **kwargs)
+            (ref_dx,) = torch.autograd.grad(ref, x64, g.double())
+            err_out = ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1)).item()
+            # dx against the size of its terms, g / sigma: at width 2 the terms cancel to nearly
+            # 0 (y = +-1), and a max-relative error would measure that cancellation.
+            terms = g.double().abs() / (x64.detach().var(-1, unbiased=False, keepdim=True)
+                                        + 1e-5).sqrt()
+            scale = torch.maximum(ref_dx.abs().max(), terms.max()).clamp_min(1e-30)
+            err_dx = ((dx.double() - ref_dx).abs().max() / scale).item()
+            tolerance = TOLERANCE[dtype] * (4 if std_mode == "unbiased" else 1)
+            rows.append({"check": "cuda-cpp sweep", "variant": name, "std_mode": std_mode,
+                         "dtype": dtype_name, "width": width, "layout": layout,
+                         "err_out": err_out, "err_dx": err_dx,
+                         "ok": out.dtype == dtype and out.shape == x.shape
+                         and max(err_out, err_dx) <= tolerance})
+    return rows
+
+
+def check_cuda_cpp_sweep() -> list[dict]:
+    if _kernels._cuda_cpp_state is not True:
+        return [{"check": "cuda-cpp sweep", "ok": False,
+                 "error": f"CUDA C++ kernels not loaded: {_kernels.cuda_status()}"}]
+    rows = []
+    for dtype_name in DTYPES:
+        for width in SWEEP_WIDTHS:
+            for layout in SWEEP_LAYOUTS:
+                rows += _sweep_case(dtype_name, width, layout)
     return rows
 
 
@@ -281,26 +356,56 @@ def _backward_nodes(out: torch.Tensor, depth: int = 3) -> list[str]:
 # ---- 2. tuning ---------------------------------------------------------------------------------
 
 
-def _sleep_then_time(stmt, calls: int) -> float:
-    """Milliseconds per call of GPU execution: the host enqueues ``calls`` calls behind a sleep
-    kernel, so the events time the GPU alone."""
+_cycles_per_ms: float | None = None
+
+
+def _sleep_cycles_per_ms() -> float:
+    """The GPU's sleep-kernel cycles per millisecond, measured once."""
+    global _cycles_per_ms
+    if _cycles_per_ms is None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        torch.cuda._sleep(20_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        _cycles_per_ms = 20_000_000 / start.elapsed_time(end)
+    return _cycles_per_ms
+
+
+def _sleep_then_time(stmt, calls: int, sleep_ms: float) -> tuple[float, float]:
+    """(milliseconds per call of GPU execution, host milliseconds spent enqueueing): the host
+    enqueues ``calls`` calls behind a sleep kernel of ``sleep_ms``, so the events time the GPU
+    alone as long as the enqueueing took less than the sleep."""
     stmt()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(50_000_000)  # tens of ms on any current GPU: longer than the enqueueing
+    torch.cuda._sleep(int(sleep_ms * _sleep_cycles_per_ms()))
     start.record()
+    host_start = time.perf_counter()
     for _ in range(calls):
         stmt()
+    host_ms = (time.perf_counter() - host_start) * 1e3
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
+    return start.elapsed_time(end) / calls, host_ms
 
 
 def device_ms(stmt, target_ms: float = 30.0) -> float:
-    """Median over 3 batches of :func:`_sleep_then_time`, with batch size from a first probe."""
-    probe = _sleep_then_time(stmt, 3)
-    calls = int(min(max(target_ms / max(probe, 1e-3), 5), 400))
-    return statistics.median(_sleep_then_time(stmt, calls) for _ in range(3))
+    """Median over 3 batches of :func:`_sleep_then_time`.  A first probe behind a long sleep
+    gives the GPU time and the host time per call; the batch size then keeps both the GPU work
+    near ``target_ms`` and the enqueueing well inside the sleep (and the launch queue), so the
+    host never shows in this clock."""
+    probe, host_ms = _sleep_then_time(stmt, 3, sleep_ms=10.0)
+    host_per_call = host_ms / 3
+    # At most 100 calls: a fwd+bwd launches a handful of kernels, and the queue holds ~1000.
+    calls = int(min(max(target_ms / max(probe, 1e-3), 5), 100))
+    sleep_ms = 1.5 * calls * host_per_call + 2.0
+    batches = [_sleep_then_time(stmt, calls, sleep_ms) for _ in range(3)]
+    if any(host > sleep_ms for _, host in batches):  # a stall on the host: time it again
+        sleep_ms = 3 * max(host for _, host in batches)
+        batches = [_sleep_then_time(stmt, calls, sleep_ms) for _ in range(3)]
+    return statistics.median(ms for ms, _ in batches)
 
 
 def tune() -> dict:
@@ -452,7 +557,11 @@ def host_enqueue(rounds: int = 7, calls: int = 400) -> list[dict]:
     for dtype_name in ("fp32", "bf16"):
         x = torch.randn(*shape, device="cuda", dtype=DTYPES[dtype_name], requires_grad=True)
         g = torch.randn_like(x)
+        width = shape[1]
         fns = {NATIVE: lambda t: F.layer_norm(t, t.shape[-1:]),
+               NATIVE_MODULE: torch.nn.LayerNorm(width, elementwise_affine=False).cuda(),
+               "AdaNorm module": adanorm.AdaNorm(width),
+               "DetachNorm module": adanorm.DetachNorm(width),
                "adanorm": lambda t: AF.ada_norm(t, t.shape[-1]),
                "detachnorm": lambda t: AF.detach_norm(t, t.shape[-1]),
                "adanorm (triton)": lambda t: AF.ada_norm(t, t.shape[-1]),
@@ -480,9 +589,11 @@ def host_enqueue(rounds: int = 7, calls: int = 400) -> list[dict]:
                         torch.cuda.synchronize()
                     samples[(name, mode)].append(elapsed / calls * 1e6)
         for (name, mode), values in samples.items():
-            base = samples[(NATIVE, mode)]
+            # Modules against native's module, functional forms against F.layer_norm.
+            reference = NATIVE_MODULE if "module" in name else NATIVE
+            base = samples[(reference, mode)]
             out.append({"variant": name, "mode": mode, "dtype": dtype_name, "shape": list(shape),
-                        "median_us": statistics.median(values),
+                        "reference": reference, "median_us": statistics.median(values),
                         "median_ratio": statistics.median(
                             v / b for v, b in zip(values, base, strict=True))})
     return out
@@ -512,6 +623,9 @@ def host_breakdown(calls: int = 400) -> dict:
                                                      1.0, 0.1),
         "torch.empty x2": lambda: (torch.empty_like(xd), torch.empty(0, device="cuda")),
     }
+    module = adanorm.AdaNorm(256)
+    pieces["AdaNorm module fwd (grad on)"] = lambda: module(x)
+    pieces["AdaNorm module fwd+bwd"] = lambda: torch.autograd.grad(module(x), x, g)
     if _kernels.cuda_backend(256) == "cuda-cpp":
         op = torch.ops.adanorm.norm.default
         pieces["adanorm::norm op fwd (grad on)"] = lambda: op(x, 1e-5, False, False, False, 1.0,
@@ -641,7 +755,8 @@ def main() -> None:
     rec.data["cuda_status"] = _kernels.cuda_status()
     rec.data["backend_512"] = _kernels.cuda_backend(512)
     log(f"fused CUDA kernels: {json.dumps(rec.data['cuda_status'])}")
-    sections = [("correctness", check_correctness),
+    rec.data["triton_from_numel"] = {str(k): v for k, v in _kernels._TRITON_FROM_NUMEL.items()}
+    sections = [("correctness", check_correctness), ("cuda_cpp_sweep", check_cuda_cpp_sweep),
                 ("triton_correctness", check_triton_correctness), ("tuning", tune),
                 ("copy_bandwidth_Bps", copy_bandwidth),
                 ("cells", lambda: time_cells(args.rounds)), ("host_enqueue", host_enqueue),
@@ -667,8 +782,15 @@ def main() -> None:
 
 
 def verdicts(data: dict) -> dict:
-    """Each target of issue #14 item 2, with the measured value."""
+    """Each target of issue #14 item 2, with the measured value; first, whether every
+    correctness row passed."""
     out: dict = {}
+    for key in ("correctness", "cuda_cpp_sweep", "triton_correctness"):
+        rows = data.get(key)
+        if isinstance(rows, list):
+            bad = [r for r in rows if not r.get("ok")]
+            out[f"{key}: every row ok"] = {"rows": len(rows), "failed": len(bad),
+                                           "met": not bad and bool(rows)}
     cells = data.get("cells")
     if isinstance(cells, list):
         for variant in ("adanorm", "detachnorm"):
@@ -704,9 +826,12 @@ def verdicts(data: dict) -> dict:
                     "fraction": achieved / bandwidth, "met": achieved / bandwidth >= 0.85}
     host = data.get("host_enqueue")
     if isinstance(host, list):
-        for variant in ("adanorm", "detachnorm", "adanorm (triton)", "detachnorm (triton)"):
-            worst = max((h for h in host if h["variant"] == variant and h["mode"] == "fwd+bwd"),
-                        key=lambda h: h["median_ratio"])
+        for variant in ("adanorm", "detachnorm", "AdaNorm module", "DetachNorm module",
+                        "adanorm (triton)", "detachnorm (triton)"):
+            rows = [h for h in host if h["variant"] == variant and h["mode"] == "fwd+bwd"]
+            if not rows:
+                continue
+            worst = max(rows, key=lambda h: h["median_ratio"])
             out[f"{variant} host enqueue fwd+bwd <= 1.2x native"] = {
                 "worst": worst["median_ratio"], "us": worst["median_us"],
                 "met": worst["median_ratio"] <= 1.2}
@@ -722,6 +847,13 @@ def summarize(data: dict) -> None:
     if isinstance(correctness, list):
         bad = [r for r in correctness if not r["ok"]]
         log(f"\ncorrectness: {len(correctness) - len(bad)}/{len(correctness)} ok")
+        for r in bad[:30]:
+            log(f"  FAILED {r}")
+    sweep = data.get("cuda_cpp_sweep")
+    if isinstance(sweep, list):
+        bad = [r for r in sweep if not r["ok"]]
+        log(f"cuda-cpp sweep (widths {SWEEP_WIDTHS} x layouts x variants x dtypes): "
+            f"{len(sweep) - len(bad)}/{len(sweep)} ok")
         for r in bad[:30]:
             log(f"  FAILED {r}")
     triton_rows = data.get("triton_correctness")

@@ -580,3 +580,25 @@ def test_shape_cache_never_lends_an_entry_to_an_equal_but_invalid_shape():
     for bad in (True, (True,), 1.0, (1.0,)):
         with pytest.raises(ValueError, match="normalized_shape"):
             AF.layer_norm_simple(x, bad)
+
+
+def test_cuda_route_normalizes_every_trailing_dimension(monkeypatch):
+    # The CUDA kernels normalize the last dimension: a multi-dimensional normalized_shape must
+    # reach them as rows of its full width.  Exercised on CPU by routing the "CUDA" branch to the
+    # C++ CPU op, which takes 2-D rows only.
+    from adanorm import _kernels
+
+    if not _kernels.cpu_kernels_ready():
+        pytest.skip("the C++ CPU kernels are unavailable")
+    monkeypatch.setattr(AF, "select_backend", lambda *a, **k: (AF.CUDA_CPP, "test"))
+    monkeypatch.setattr(_kernels, "cuda_backend", lambda *a, **k: "cuda-cpp")
+
+    def rows_only(x, eps, unbiased, detach_mean, detach_std, scale, k, kernel=None):
+        return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
+
+    monkeypatch.setattr(_kernels, "cuda_norm", rows_only)
+    x = torch.randn(3, 4, 6)
+    out = AF.ada_norm(x, (4, 6), scale=2.0)
+    monkeypatch.undo()
+    expected = AF.ada_norm(x.reshape(3, 24), 24, scale=2.0).view(3, 4, 6)
+    assert out.shape == x.shape and torch.equal(out, expected)

@@ -610,15 +610,21 @@ def test_cuda_backend_policy(monkeypatch):
 
     monkeypatch.setattr(_kernels, "_triton_module", FakeTriton)
     monkeypatch.setattr(_kernels, "_cuda_cpp_state", True)
-    # The C++ kernels: 16-byte vector widths up to 16384, other widths up to 4096.
+    # The C++ kernels take every width up to 16384 (element by element where the width is not a
+    # multiple of the 16-byte vector), and every tensor size: no size routes to Triton.
     assert _kernels.cuda_backend(1024, 4, 2048 * 1024) == "cuda-cpp"
-    assert _kernels.cuda_backend(4099, 4, 4099) == "triton"
-    assert _kernels.cuda_backend(4095, 2, 4095) == "cuda-cpp"
+    assert _kernels.cuda_backend(4099, 4, 4099) == "cuda-cpp"
+    assert _kernels.cuda_backend(16383, 2, 16383) == "cuda-cpp"
     assert _kernels.cuda_cpp_takes(16384, 2) and not _kernels.cuda_cpp_takes(16392, 4)
-    # Large tensors go to Triton: fp32 from 2^28 elements, 16-bit from 2^26.
-    assert _kernels.cuda_backend(8192, 4, 2**28) == "triton"
-    assert _kernels.cuda_backend(8192, 4, 2**28 - 8192) == "cuda-cpp"
+    assert _kernels.cuda_backend(8192, 4, 2**28) == "cuda-cpp"
+    assert _kernels.cuda_backend(4096, 2, 2**26) == "cuda-cpp"
+    assert _kernels.cuda_cpp_takes_all(4096, 2) and not _kernels.cuda_cpp_takes_all(16385, 4)
+    # A size threshold, where one is set, sends large tensors to Triton.
+    monkeypatch.setattr(_kernels, "_TRITON_FROM_NUMEL", {2: 2**26})
     assert _kernels.cuda_backend(4096, 2, 2**26) == "triton"
+    assert _kernels.cuda_backend(4096, 2, 2**26 - 4096) == "cuda-cpp"
+    assert not _kernels.cuda_cpp_takes_all(4096, 2) and _kernels.cuda_cpp_takes_all(4096, 4)
+    monkeypatch.setattr(_kernels, "_TRITON_FROM_NUMEL", {})
     # Without Triton everything the C++ kernels take stays there; wider rows have no kernel.
     monkeypatch.setattr(_kernels, "_triton_module", None)
     assert _kernels.cuda_backend(4096, 2, 2**30) == "cuda-cpp"
@@ -685,3 +691,73 @@ def test_detachnorm_double_backward_from_saved_rstd_takes_any_leading_shape():
     torch.testing.assert_close(dx, g * rstd.view(2, 3, 1))
     (dg,) = torch.autograd.grad(dx.sum(), g)
     torch.testing.assert_close(dg, rstd.view(2, 3, 1).expand(2, 3, 8))
+
+
+def test_cuda_launch_shapes_cover_every_width(tmp_path):
+    # norm_cuda.cu's host-side launch_for, compiled alone with the host compiler (no GPU, no
+    # nvcc): for every width up to the limit, both element sizes, aligned or not, the chosen
+    # shape has a kernel instance in dispatch_launch's lists, a thread for every element, at most
+    # 32 elements per thread, 16-byte vectors exactly where width and alignment allow, and one
+    # warp per row up to 1024 elements.
+    import re
+
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = _kernels.CUDA_SOURCE_PATH.read_text()
+    constants = source[source.index("constexpr int kMaxThreads"):
+                       source.index("constexpr float kRescaleAbove")]
+    launch = source[source.index("struct Launch {"):
+                    source.index("template <int... KVs, typename Body>")]
+    dispatch = source[source.index("void dispatch_launch("):source.index("struct Grid {")]
+    lists = [sorted(int(v) for v in group.split(","))
+             for group in re.findall(r"with_kv<([\d, ]+)>", dispatch)]
+    # Order in dispatch_launch: scalar warp/block, float32 vector warp/block, 16-bit warp/block.
+    assert len(lists) == 6, lists
+
+    def cxx_set(values):
+        return "std::set<int>{" + ",".join(map(str, values)) + "}"
+
+    program = textwrap.dedent("""
+        #include <algorithm>
+        #include <cstdint>
+        #include <cstdio>
+        #include <set>
+        #include <stdexcept>
+        #define TORCH_CHECK(cond, ...) \\
+          do { if (!(cond)) throw std::runtime_error("check"); } while (0)
+        """) + constants + launch + textwrap.dedent(f"""
+        int main() {{
+          const std::set<int> lists[6] = {{{", ".join(cxx_set(v) for v in lists)}}};
+          long bad = 0;
+          for (int es : {{4, 2}})
+            for (int aligned = 0; aligned < 2; ++aligned)
+              for (int64_t n = 1; n <= {_kernels.CUDA_MAX_WIDTH}; ++n) {{
+                const Launch l = launch_for(n, es, aligned);
+                const int vector = 16 / es;
+                const bool may_vector = aligned && n % vector == 0;
+                const int list = (l.vec == 1 ? 0 : es == 4 ? 2 : 4) + (l.warp_row ? 0 : 1);
+                const bool ok = lists[list].count(l.kv) == 1
+                    && int64_t(l.threads) * l.kv * l.vec >= n && l.kv * l.vec <= 32
+                    && l.vec == (may_vector ? vector : 1)
+                    && (l.warp_row ? l.threads == 32
+                                   : l.threads >= 64 && l.threads <= 512 && l.threads % 32 == 0)
+                    && l.warp_row == (n <= 1024);
+                if (!ok && bad++ < 5)
+                  std::printf("es %d aligned %d n %ld: vec %d warp %d threads %d kv %d\\n", es,
+                              aligned, long(n), l.vec, l.warp_row, l.threads, l.kv);
+              }}
+          bool rejected = false;
+          try {{ launch_for({_kernels.CUDA_MAX_WIDTH + 1}, 4, true); }}
+          catch (...) {{ rejected = true; }}
+          std::printf("bad %ld rejected %d\\n", bad, rejected);
+          return bad != 0 || !rejected;
+        }}
+        """)
+    (tmp_path / "launch.cpp").write_text(program)
+    binary = tmp_path / "launch"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-o", str(binary), str(tmp_path / "launch.cpp")],
+                   check=True, capture_output=True, text=True)
+    result = subprocess.run([str(binary)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bad 0 rejected 1" in result.stdout

@@ -229,3 +229,105 @@ def test_docstrings_in_pytorch_form(cls):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(doctest.DocTest(examples, globs, cls.__name__, None, 0, doc))
     assert runner.failures == 0, f"{cls.__name__} docstring examples failed"
+
+
+# ---- the modules' direct route to the fused op ---------------------------------------------------
+
+FUSED_MODULES = [
+    (LayerNormSimple, {}),
+    (LayerNormSimple, {"std_mode": "unbiased"}),
+    (DetachNorm, {}),
+    (DetachNorm, {"detach_std": False}),
+    (AdaNorm, {"scale": 2.0, "k": 0.2}),
+    (AdaNorm, {"std_mode": "unbiased"}),
+]
+
+
+def _fused_kernels_or_skip():
+    from adanorm import _kernels
+
+    if not _kernels.cpu_kernels_ready():
+        pytest.skip("the C++ CPU kernels are unavailable")
+
+
+def _functional(m, x):
+    """What the module computes, through the public functional forms."""
+    F = adanorm.functional
+    if isinstance(m, AdaNorm):
+        return F.ada_norm(x, m.normalized_shape, m.eps, scale=m.scale, k=m.k,
+                          std_mode=m.std_mode)
+    if isinstance(m, DetachNorm):
+        return F.detach_norm(x, m.normalized_shape, m.eps, std_mode=m.std_mode,
+                             detach_mean=m.detach_mean, detach_std=m.detach_std)
+    return F.layer_norm_simple(x, m.normalized_shape, m.eps, std_mode=m.std_mode)
+
+
+@pytest.mark.parametrize("cls,kwargs", FUSED_MODULES)
+@pytest.mark.parametrize("shape,normalized", [((5, 24), 24), ((2, 3, 24), 24), ((24,), 24),
+                                              ((3, 4, 6), (4, 6))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_module_direct_route_equals_functional(cls, kwargs, shape, normalized, dtype):
+    _fused_kernels_or_skip()
+    m = cls(normalized, **kwargs)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 3 + 1).to(dtype).requires_grad_()
+    g = torch.randn(shape, generator=gen).to(dtype)
+    expected = _functional(m, x)
+    (expected_dx,) = torch.autograd.grad(expected, x, g)
+    for _ in range(3):  # the first call routes through the functional form, later ones directly
+        out = m(x)
+        (dx,) = torch.autograd.grad(out, x, g)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert torch.equal(out, expected) and torch.equal(dx, expected_dx)
+    assert m._routes[(False, dtype)] is not None
+
+
+def test_module_direct_route_skips_the_functional_form(monkeypatch):
+    _fused_kernels_or_skip()
+    m = AdaNorm(16, scale=2.0)
+    x = torch.randn(4, 16)
+    expected = m(x)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the functional form ran on the direct route")
+
+    monkeypatch.setattr(adanorm.functional, "ada_norm", not_called)
+    assert torch.equal(m(x), expected)
+    # A wrong shape or dtype still gets the functional form's error, and float64 its path.
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"trailing shape \[16\]"):
+        m(torch.randn(4, 15))
+    with pytest.raises(TypeError, match="int32"):
+        m(torch.ones(4, 16, dtype=torch.int32))
+    assert m(x.double()).dtype == torch.float64 and m._routes[(False, torch.float64)] is None
+
+
+@pytest.mark.parametrize("name,value", [("eps", 0.5), ("std_mode", "unbiased"), ("scale", 3.0),
+                                        ("k", 0.3)])
+def test_module_direct_route_follows_attribute_changes(name, value):
+    _fused_kernels_or_skip()
+    m = AdaNorm(8, scale=1.0)
+    x = torch.randn(3, 8) * 0.5
+    m(x), m(x)  # the route is cached
+    setattr(m, name, value)
+    assert torch.equal(m(x), _functional(m, x)) and torch.equal(m(x), _functional(m, x))
+    d = DetachNorm(8)
+    d(x), d(x)
+    d.detach_std = False
+    x = x.requires_grad_()
+    g = torch.randn(3, 8)
+    (dx,) = torch.autograd.grad(d(x), x, g)
+    (expected,) = torch.autograd.grad(_functional(d, x), x, g)
+    assert torch.equal(dx, expected)
+
+
+def test_module_direct_route_respects_disable_extension(monkeypatch):
+    _fused_kernels_or_skip()
+    m = AdaNorm(8)
+    x = torch.randn(3, 8, requires_grad=True)
+    m(x), m(x)
+    monkeypatch.setenv("ADANORM_DISABLE_EXTENSION", "1")
+    out = m(x)
+    assert "Cpp" not in type(out.grad_fn).__name__  # the pure-PyTorch autograd Function
+    monkeypatch.delenv("ADANORM_DISABLE_EXTENSION")
+    assert "Cpp" in type(m(x).grad_fn).__name__

@@ -52,6 +52,7 @@ __all__ = [
     "cuda_norm",
     "cuda_backend",
     "cuda_cpp_takes",
+    "cuda_cpp_takes_all",
     "cuda_status",
     "CUDA_MAX_WIDTH",
     "CUDA_SOURCE_PATH",
@@ -78,13 +79,13 @@ _cuda_cpp_failure: str | None = None
 _cuda_library: str | None = None
 _CUDA_BACKEND_ENV = "ADANORM_CUDA_BACKEND"
 CUDA_SOURCE_PATH = Path(__file__).with_name("norm_cuda.cu")
-CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: 512 threads x 32 elements in registers
-# norm_cuda.cu reads rows as 16-byte vectors; a width that is not a multiple of 16 / element size
-# is read element by element, up to this width.
-_CUDA_SCALAR_MAX_WIDTH = 4096
-# From this many elements on, the Triton kernels take the call (see cuda_backend): fp32 from
-# 32768 x 8192, 16-bit from 16384 x 4096, the sizes at which they beat norm_cuda.cu in the H200 run.
-_TRITON_FROM_NUMEL = {4: 2**28, 2: 2**26}
+CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: up to 512 threads x 32 elements in registers, any width
+# From this many elements on, the Triton kernels would take a call (see cuda_backend), keyed by
+# element size.  Empty: norm_cuda.cu's kernels take every tensor they can.  An H200 run of the
+# first C++ kernels (element-wise 16-bit loads) had Triton ahead from 2^28 fp32 / 2^26 16-bit
+# elements; the vectorized kernels are meant to close that gap, and
+# benchmarks/gpu_check.py's "adanorm (triton)" row against "adanorm" says whether they do.
+_TRITON_FROM_NUMEL: dict[int, int] = {}
 
 
 # Read on every norm call (tests toggle it within one process), and os.environ.get costs about a
@@ -507,10 +508,17 @@ def cuda_status() -> dict[str, Any]:
 
 
 def cuda_cpp_takes(width: int, element_size: int) -> bool:
-    """Whether norm_cuda.cu's kernels take rows of ``width`` elements of ``element_size`` bytes."""
-    if width % (16 // element_size) == 0:
-        return width <= CUDA_MAX_WIDTH
-    return width <= _CUDA_SCALAR_MAX_WIDTH
+    """Whether norm_cuda.cu's kernels take rows of ``width`` elements of ``element_size`` bytes
+    (16-byte vectors where width and data allow, element by element otherwise)."""
+    return 1 <= width <= CUDA_MAX_WIDTH
+
+
+def cuda_cpp_takes_all(width: int, element_size: int) -> bool:
+    """Whether :func:`cuda_backend` picks norm_cuda.cu for rows of ``width`` whatever the
+    tensor's size (no size from which Triton takes over for this element size)."""
+    return bool(_cuda_cpp_state) and cuda_cpp_takes(width, element_size) and (
+        element_size not in _TRITON_FROM_NUMEL
+    )
 
 
 def cuda_backend(width: int, element_size: int = 4, numel: int = 0) -> str | None:
@@ -518,9 +526,8 @@ def cuda_backend(width: int, element_size: int = 4, numel: int = 0) -> str | Non
     ``"cuda-cpp"``, ``"triton"`` or None.
 
     The C++ kernels cost about native's host time per call, the Triton kernels 200-270 µs more
-    per fwd+bwd (2048 x 256 on an H200) but less GPU time on large tensors, 16-bit ones
-    especially: from ``_TRITON_FROM_NUMEL`` elements on, Triton wins as the user meets it (H200,
-    benchmarks/results/gpu_check.json)."""
+    per fwd+bwd (2048 x 256 on an H200); Triton takes a call only from ``_TRITON_FROM_NUMEL``
+    elements on (none at present), or where the C++ kernels are unavailable."""
     triton = _triton_module is not None and width <= min(_triton_module.MAX_WIDTH.values())
     if triton and numel >= _TRITON_FROM_NUMEL.get(element_size, 2**62):
         return "triton"
