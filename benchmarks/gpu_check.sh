@@ -26,6 +26,9 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The check is what verifies norm_cuda.cu (adanorm._kernels.CUDA_CPP_VERIFIED), so it asks for the
+# C++ kernels explicitly rather than taking auto's choice.
+export ADANORM_CUDA_BACKEND=${ADANORM_CUDA_BACKEND:-cuda-cpp}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.memory \
     --format=csv || true
 # Build the CPU and CUDA libraries side by side first (each once per machine), so the checks below

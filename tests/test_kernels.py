@@ -761,3 +761,30 @@ def test_cuda_launch_shapes_cover_every_width(tmp_path):
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "bad 0 rejected 1" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("choice", "verified", "expect_cpp"),
+    [
+        ("auto", False, False),
+        ("auto", True, True),
+        ("cuda-cpp", False, True),
+        ("triton", True, False),
+    ],
+)
+def test_unverified_cuda_cpp_kernels_run_only_when_asked_for(
+    monkeypatch, choice: str, verified: bool, expect_cpp: bool
+) -> None:
+    # norm_cuda.cu is compiled and its launch logic tested here, but only a GPU run can show its
+    # device code correct; until then `auto` must not route real training through it.
+    tried = []
+    monkeypatch.setenv("ADANORM_CUDA_BACKEND", choice)
+    monkeypatch.setattr(_kernels, "CUDA_CPP_VERIFIED", verified)
+    monkeypatch.setattr(_kernels, "_cuda_state", None)
+    monkeypatch.setattr(_kernels, "extension_disabled", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_kernels, "_cuda_cpp_ready", lambda: tried.append("cpp") or True)
+    monkeypatch.setattr(_kernels, "_triton_ready", lambda: True)
+    assert _kernels.cuda_kernels_ready()
+    assert (tried == ["cpp"]) is expect_cpp
+    assert _kernels.cuda_status()["cuda_cpp_verified_on_gpu"] is verified

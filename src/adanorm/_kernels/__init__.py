@@ -80,6 +80,12 @@ _cuda_library: str | None = None
 _CUDA_BACKEND_ENV = "ADANORM_CUDA_BACKEND"
 CUDA_SOURCE_PATH = Path(__file__).with_name("norm_cuda.cu")
 CUDA_MAX_WIDTH = 16384  # norm_cuda.cu: up to 512 threads x 32 elements in registers, any width
+# Whether this norm_cuda.cu has passed benchmarks/gpu_check.py's correctness and cuda-cpp sweep on
+# a real GPU.  The vectorized, warp-per-row rewrite has only been compiled (sm_90, 0 spills) and
+# its host-side launch logic tested; until a GPU record shows it correct, ADANORM_CUDA_BACKEND=auto
+# takes the Triton kernels (correct on an H200: benchmarks/results/gpu_check.json), and the C++
+# kernels run only when asked for with ADANORM_CUDA_BACKEND=cuda-cpp (as gpu_check.sh does).
+CUDA_CPP_VERIFIED = False
 # From this many elements on, the Triton kernels would take a call (see cuda_backend), keyed by
 # element size.  Empty: norm_cuda.cu's kernels take every tensor they can.  An H200 run of the
 # first C++ kernels (element-wise 16-bit loads) had Triton ahead from 2^28 fp32 / 2^26 16-bit
@@ -465,8 +471,9 @@ def _triton_ready() -> bool:
 
 
 def cuda_kernels_ready() -> bool:
-    """Load the fused CUDA kernels once: the C++ kernels (built with nvcc on first use) unless
-    ``ADANORM_CUDA_BACKEND=triton``, else the Triton kernels; False means the pure-PyTorch path.
+    """Load the fused CUDA kernels once: the C++ kernels (built with nvcc on first use) with
+    ``ADANORM_CUDA_BACKEND=cuda-cpp``, or with ``auto`` once :data:`CUDA_CPP_VERIFIED`; the Triton
+    kernels otherwise; False means the pure-PyTorch path.
 
     triton is imported here and only here, and only after CUDA was found."""
     global _cuda_state
@@ -475,7 +482,7 @@ def cuda_kernels_ready() -> bool:
     if extension_disabled() or not torch.cuda.is_available():
         return False
     choice = _cuda_backend_choice()
-    cpp = choice in ("auto", "cuda-cpp") and _cuda_cpp_ready()
+    cpp = (choice == "cuda-cpp" or (choice == "auto" and CUDA_CPP_VERIFIED)) and _cuda_cpp_ready()
     triton = _triton_ready()
     _cuda_state = cpp or triton
     if choice == "cuda-cpp" and not cpp:
@@ -497,6 +504,7 @@ def cuda_status() -> dict[str, Any]:
     return {
         "cuda_available": torch.cuda.is_available(),
         "choice": os.environ.get(_CUDA_BACKEND_ENV, "auto"),
+        "cuda_cpp_verified_on_gpu": CUDA_CPP_VERIFIED,
         "cuda_cpp": "not-tried" if _cuda_cpp_state is None else (
             "loaded" if _cuda_cpp_state else "failed"),
         "cuda_cpp_detail": _cuda_cpp_failure,
