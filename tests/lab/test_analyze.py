@@ -67,3 +67,44 @@ def test_variance_verdicts_judge_only_the_bound_the_recorder_measures():
     assert _verdict_ratio(THEOREM1_EXPECTATIONS["layernorm-simple"][1], 0.97) == "agrees"
     assert _verdict_ratio(THEOREM1_EXPECTATIONS["detachnorm"][1], 1.0) == "agrees"
     assert _verdict_ratio(THEOREM1_EXPECTATIONS["none"][1], float("nan")) == "-"
+
+
+def test_a_variant_without_norm_layers_is_named_not_a_nan_row(tmp_path):
+    # w/o Norm has no norm layer, so nothing to measure: the table said "nan" and plotted an
+    # empty figure.
+    analyze("digits", ["none", "layernorm-simple"], out=tmp_path, preset="smoke", scales=[],
+            overrides=["train.max_steps=4", "train.eval_every=4"], gradstats_every=2)
+    theorem = {row["variant"]: row for row in _rows(tmp_path / "theorem1.csv")}
+    assert theorem["none"]["|mean(dx)|/rms(dx)"] == "no norm layer"
+    assert "nan" not in ",".join(theorem["none"].values())
+    assert theorem["layernorm-simple"]["mean"] == "agrees"
+    assert not (tmp_path / "gradstats_none.png").exists()
+    assert (tmp_path / "gradstats_layernorm-simple.png").exists()
+
+
+def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path, capsys):
+    args = ["analyze", "digits", "--preset", "smoke", "--norms", "detach-std", "--scales", "",
+            "--every", "4", "--out", str(tmp_path), "--set", "train.max_steps=4"]
+    assert main(args) == 0
+    capsys.readouterr()
+    # A different learning rate is a different experiment: the finished run must not stand in.
+    assert main([*args, "optim.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "finished with a different config: optim.lr" in err and len(err.splitlines()) == 1
+
+
+def test_committed_runs_with_gzipped_metrics_regenerate_the_tables(tmp_path, capsys):
+    import gzip
+    import shutil
+
+    args = ["analyze", "digits", "--preset", "smoke", "--norms", "detach-std", "--scales", "",
+            "--every", "4", "--out", str(tmp_path), "--set", "train.max_steps=4"]
+    assert main(args) == 0
+    table = (tmp_path / "theorem1.md").read_text()
+    metrics = tmp_path / "runs/detach-std_s1/metrics.jsonl"
+    with open(metrics, "rb") as src, gzip.open(f"{metrics}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    metrics.unlink()
+    (tmp_path / "theorem1.md").unlink()
+    assert main(args) == 0
+    assert (tmp_path / "theorem1.md").read_text() == table

@@ -17,6 +17,7 @@ Runs live in ``<out>/runs/<name>``; finished runs are skipped, so an interrupted
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -28,7 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import load_config, set_path
+from .config import (
+    ConfigError,
+    load_config,
+    read_yaml_mapping,
+    resolve,
+    resume_changes,
+    set_path,
+)
 from .runinfo import norm_label
 
 __all__ = ["VariantRun", "run_variant", "analyze", "THEOREM1_EXPECTATIONS"]
@@ -70,16 +78,22 @@ class VariantRun:
 
 def _read_metrics(run_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
     train, valid, grads = [], [], []
-    with open(run_dir / "metrics.jsonl") as fh:
-        for line in fh:
-            record = json.loads(line)
-            split = record.get("split")
-            if split == "train":
-                train.append(record)
-            elif split == "valid":
-                valid.append(record)
-            elif split == "gradstats":
-                grads.append(record)
+    path = run_dir / "metrics.jsonl"
+    # Committed analysis runs keep their (large) metrics gzip-compressed; a live run writes plain.
+    if path.exists():
+        text = path.read_text()
+    else:
+        with gzip.open(f"{path}.gz", "rt") as fh:
+            text = fh.read()
+    for line in text.splitlines():
+        record = json.loads(line)
+        split = record.get("split")
+        if split == "train":
+            train.append(record)
+        elif split == "valid":
+            valid.append(record)
+        elif split == "gradstats":
+            grads.append(record)
     return train, valid, grads
 
 
@@ -112,6 +126,15 @@ def run_variant(
     name = name or f"{label}_s{seed}"
     run_dir = out / "runs" / name
     if (run_dir / RESULTS).exists():
+        # Reusing a finished run is only right for the same experiment: a changed --set or
+        # preset must not pass off the old run's numbers as the new config's.
+        saved = resolve(read_yaml_mapping(run_dir / "config.yaml", "a run's config.yaml"))
+        changed = resume_changes(saved, cfg, allow_longer=False)
+        if changed:
+            raise ConfigError(
+                f"{run_dir} finished with a different config: {'; '.join(changed)}. Restore "
+                "the analysis's preset and overrides, or use a new --out"
+            )
         results = json.loads((run_dir / RESULTS).read_text())
     else:
         results = Trainer(cfg, run_dir, data_dir=data_dir, resume=True, progress=progress).fit()
@@ -191,6 +214,11 @@ def theorem1_table(runs: list[VariantRun], out: Path) -> str:
     rows = []
     for label, group in by_label.items():
         norm = group[0].norm
+        if norm == "none":
+            # w/o Norm's slots hold identities (dx = g, no sigma): Theorem 1 has nothing to
+            # measure there, which the row says rather than printing NaN statistics.
+            rows.append([label, len(group)] + ["no norm layer"] + ["-"] * 6)
+            continue
         exp_mean, exp_ratio = THEOREM1_EXPECTATIONS.get(norm, ("-", "-"))
         mean_rel = statistics.mean(_median_stat(r, "mean_rel") for r in group)
         ratio = statistics.mean(_median_stat(r, "var_ratio") for r in group)
@@ -450,7 +478,7 @@ def analyze(
         tables["theorem1"] = theorem1_table(runs, out)
         tables["generalization"] = generalization_table(runs, out)
         for run in runs:
-            if run.seed == 1:
+            if run.seed == 1 and run.norm != "none":  # w/o Norm: identities, nothing to plot
                 plot_gradstats(run, out)
         plot_curves(runs, out, "loss_curves", f"{task}: train and valid loss per norm")
 
