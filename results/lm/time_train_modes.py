@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from adanorm.lab.config import load_config
-from adanorm.lab.tasks.lm import TRAIN_MODES, LMTask
+from adanorm.lab.tasks.lm.task import TRAIN_MODES, LMTask
 from adanorm.lab.trainer import GlobalBatchSampler
 
 MODES = TRAIN_MODES  # ("stream", "warmup")

@@ -512,7 +512,7 @@ def test_a_missing_directory_is_one_line_with_exit_status_2(tmp_path: Path) -> N
 
 
 def test_textcls_select_regenerates_its_reports_in_place(tmp_path: Path) -> None:
-    from adanorm.lab.tasks.textcls_select import select_and_report
+    from adanorm.lab.tasks.textcls.select import select_and_report
 
     runs = tmp_path / "runs"
     for seed, acc in ((1, 73.0), (2, 74.0)):
@@ -548,7 +548,7 @@ REGENERATE = {  # results directory -> the command its README gives
     "lm": "adanorm report results/lm/runs --out results/lm",
     "mt": "adanorm report results/mt/runs --out results/mt",
     "parsing": "adanorm report results/parsing/runs --out results/parsing",
-    "textcls": "python -m adanorm.lab.tasks.textcls_select results/textcls/runs results/textcls",
+    "textcls": "python -m adanorm.lab.tasks.textcls.select results/textcls/runs results/textcls",
 }
 
 
@@ -561,7 +561,7 @@ def test_committed_tables_regenerate_from_the_committed_runs(name: str, tmp_path
     readme = (results / "README.md").read_text()
     assert REGENERATE[name] in readme, f"results/{name}/README.md lacks {REGENERATE[name]!r}"
     if name == "textcls":
-        from adanorm.lab.tasks.textcls_select import select_and_report
+        from adanorm.lab.tasks.textcls.select import select_and_report
 
         copy = tmp_path / "runs"
         shutil.copytree(results / "runs", copy)

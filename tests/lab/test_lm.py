@@ -26,8 +26,7 @@ import adanorm
 from adanorm.lab.config import load_config
 from adanorm.lab.data import ChecksumError, DataMissingError, require_dataset
 from adanorm.lab.task import get_task, register_task
-from adanorm.lab.tasks.lm import LMTask
-from adanorm.lab.tasks.lm_data import (
+from adanorm.lab.tasks.lm.data import (
     Corpus,
     EvalStreams,
     SegmentWindows,
@@ -35,7 +34,8 @@ from adanorm.lab.tasks.lm_data import (
     enwik8_corpus,
     read_enwik8_zip,
 )
-from adanorm.lab.tasks.lm_model import TransformerXL, attention_mask, rel_shift
+from adanorm.lab.tasks.lm.model import TransformerXL, attention_mask, rel_shift
+from adanorm.lab.tasks.lm.task import LMTask
 from adanorm.lab.trainer import LAST, Trainer
 
 REAL_DATA = os.environ.get("ADANORM_DATA")
@@ -341,7 +341,7 @@ def test_real_tiny_shakespeare_smoke_preset(tmp_path: Path) -> None:
 
 
 def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
-    from adanorm.lab.tasks.lm_plots import bpc_curves, plot_bpc_figure
+    from adanorm.lab.tasks.lm.plots import bpc_curves, plot_bpc_figure
 
     for norm, offset in (("layernorm", 0.0), ("layernorm-simple", 0.1)):
         for seed in (1, 2):

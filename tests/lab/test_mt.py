@@ -15,15 +15,15 @@ from torch.nn import functional as F
 
 import adanorm
 from adanorm.lab.config import load_config
-from adanorm.lab.tasks.mt import MTTask, batches_by_tokens
-from adanorm.lab.tasks.mt_data import Postprocessor, bleu_from_statistics, bleu_statistics
-from adanorm.lab.tasks.mt_model import TransformerMT
-from adanorm.lab.tasks.mt_search import (
+from adanorm.lab.tasks.mt.bleu import Postprocessor, bleu_from_statistics, bleu_statistics
+from adanorm.lab.tasks.mt.model import TransformerMT
+from adanorm.lab.tasks.mt.search import (
     SearchConfig,
     beam_search,
     greedy_search,
     sequence_log_prob,
 )
+from adanorm.lab.tasks.mt.task import MTTask, batches_by_tokens
 from adanorm.lab.trainer import Trainer
 
 PAD, BOS, EOS = 0, 1, 2

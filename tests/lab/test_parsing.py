@@ -16,10 +16,10 @@ import torch
 from lab_helpers import read_jsonl
 
 from adanorm.lab.config import load_config
-from adanorm.lab.tasks import parsing_data as pd
-from adanorm.lab.tasks.parsing import (
+from adanorm.lab.tasks.parsing import data as pd
+from adanorm.lab.tasks.parsing.model import MLPParser
+from adanorm.lab.tasks.parsing.task import (
     EWT_FILES,
-    MLPParser,
     ParsingTask,
     attachment_counts,
     greedy_parse,
@@ -276,7 +276,7 @@ def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
     assert {r["split"] for r in records} == {"train", "valid", "test"}
     assert all(np.isfinite(r["loss"]) for r in records)
     # The cache file is reused (and equal) by a fresh task in a fresh process-level cache.
-    from adanorm.lab.tasks import parsing as parsing_module
+    from adanorm.lab.tasks.parsing import task as parsing_module
 
     (cache_file,) = (tmp_path / "cache").glob("ptb-*.npz")
     first = parsing_module._TREEBANKS.copy()
@@ -292,7 +292,7 @@ def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
         parsing_module._TREEBANKS.update(first)
     assert cache_file.exists()
     # The figure-2 plot (AdaNorm vs LayerNorm losses) reads the finished run.
-    from adanorm.lab.tasks.parsing_plots import plot_figure2
+    from adanorm.lab.tasks.parsing.plots import plot_figure2
 
     png = plot_figure2(tmp_path, tmp_path / "figure2.png", dataset="ptb")
     assert png.stat().st_size > 1000

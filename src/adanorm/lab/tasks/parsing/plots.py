@@ -1,6 +1,6 @@
 """The paper's figure 2 for the parsing task: train and valid loss of AdaNorm vs LayerNorm.
 
-``python -m adanorm.lab.tasks.parsing_plots SWEEP_DIR OUT.png [--dataset ewt]`` reads every
+``python -m adanorm.lab.tasks.parsing.plots SWEEP_DIR OUT.png [--dataset ewt]`` reads every
 finished run (``results.json`` + ``metrics.jsonl``) of LayerNorm and AdaNorm under ``SWEEP_DIR``
 and draws two panels on a linear axis against epochs, as the paper does: the per-transition
 training loss (logged every ``train.log_every`` updates, dropout on) and the per-transition
@@ -16,7 +16,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..plots import NORM_COLORS, display_name, read_metrics
+from ...plots import NORM_COLORS, display_name, read_metrics
 
 __all__ = ["plot_figure2", "main"]
 

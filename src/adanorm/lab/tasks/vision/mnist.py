@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import require_dataset
-from ..schema import Bool, DropoutRate, IntList, TaskSchema
-from ..task import ClassificationTask, TensorDataset, register_task, stack_batch
-from .vision import ConvNet
+from ...data import require_dataset
+from ...schema import Bool, DropoutRate, IntList, TaskSchema
+from ...task import ClassificationTask, TensorDataset, register_task, stack_batch
+from .model import ConvNet
 
 __all__ = ["MnistTask", "read_idx"]
 

@@ -12,7 +12,7 @@ run with ``--scales 1,2`` holds AdaNorm at every C; this picks, per dataset, the
   at the chosen C;
 * ``<out>/all_scales/``: the same report with every C as its own row.
 
-Usage: ``python -m adanorm.lab.tasks.textcls_select SWEEP_DIR OUT_DIR``.
+Usage: ``python -m adanorm.lab.tasks.textcls.select SWEEP_DIR OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
-from ..report import collect_runs, label_settings, write_report
+from ...checkpoint import atomic_write_text
+from ...report import collect_runs, label_settings, write_report
 
 __all__ = ["choose_scales", "select_and_report"]
 

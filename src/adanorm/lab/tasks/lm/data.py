@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..data import ChecksumError
+from ...data import ChecksumError
 
 __all__ = [
     "Corpus",

@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..data import DataFile, DatasetInfo, register_dataset, require_dataset
-from ..schema import Bool, DropoutRate, Int, Str, TaskSchema
-from ..task import Stats, Task, register_task, stats_to_floats
-from .lm_data import (
+from ...data import DataFile, DatasetInfo, register_dataset, require_dataset
+from ...schema import Bool, DropoutRate, Int, Str, TaskSchema
+from ...task import Stats, Task, register_task, stats_to_floats
+from .data import (
     ENWIK8_PROTOCOLS,
     Corpus,
     EvalStreams,
@@ -51,7 +51,7 @@ from .lm_data import (
     load_tiny_shakespeare,
     read_enwik8_zip,
 )
-from .lm_model import Mems, TransformerXL
+from .model import Mems, TransformerXL
 
 __all__ = ["LMTask", "TINY_SHAKESPEARE", "ENWIK8", "TRAIN_MODES"]
 

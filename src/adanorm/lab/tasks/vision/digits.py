@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..schema import DropoutRate, IntList, TaskSchema
-from ..task import ClassificationTask, TensorDataset, register_task, stack_batch
-from .vision import ConvNet
+from ...schema import DropoutRate, IntList, TaskSchema
+from ...task import ClassificationTask, TensorDataset, register_task, stack_batch
+from .model import ConvNet
 
 __all__ = ["DigitsTask", "digits_splits"]
 

@@ -41,23 +41,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..checkpoint import atomic_write_text
-from ..data import data_root, user_cache_dir
-from ..schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
-from ..task import Stats, Task, register_task
-from .mt_data import (
-    BPE_METHODS,
+from ...checkpoint import atomic_write_text
+from ...data import data_root, user_cache_dir
+from ...schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
+from ...task import Stats, Task, register_task
+from .bleu import (
     SACREBLEU_SMOOTH,
     Postprocessor,
-    PreparedCorpus,
-    _resolve_options,
     bleu_from_statistics,
     bleu_statistics,
-    prepare_corpus,
     sacrebleu_signature,
 )
-from .mt_model import TransformerMT
-from .mt_search import SearchConfig, beam_search
+from .bpe import BPE_METHODS
+from .data import PreparedCorpus, prepare_corpus, resolve_options
+from .model import TransformerMT
+from .search import SearchConfig, beam_search
 
 __all__ = ["MTTask", "TokenBatches", "batches_by_tokens"]
 
@@ -127,7 +125,7 @@ class MTTask(Task):
     datasets = ("multi30k", "iwslt14_de_en", "iwslt15_en_vi", "wmt14_en_de")
     # Defaults: the paper preset (presets/mt/paper.yaml, the authors' IWSLT14 recipe).  Keys
     # whose default belongs to the recipe named by data.name (languages, lower-casing, BPE size,
-    # Moses escaping) have NO_DEFAULT: absent means the recipe's value (mt_data._RECIPES).
+    # Moses escaping) have NO_DEFAULT: absent means the recipe's value (recipes.RECIPE_BY_NAME).
     config_schema = TaskSchema(
         data={
             "src_lang": Str(NO_DEFAULT, "null: the recipe's", nullable=True),
@@ -182,7 +180,7 @@ class MTTask(Task):
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)
         data = cfg["data"]
-        _resolve_options(data)  # the recipe's checks across keys (languages), before any data
+        resolve_options(data)  # the recipe's checks across keys (languages), before any data
         self.max_tokens = int(data["max_tokens"])
         self.eval_max_tokens = int(data["eval_max_tokens"])
         self.decode_max_sentences = int(data["decode_max_sentences"])

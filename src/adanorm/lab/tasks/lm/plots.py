@@ -1,7 +1,7 @@
 """The paper's figure 1 for the LM task: train and valid BPC over training, LayerNorm vs
 LayerNorm-simple (mean over seeds, band from the lowest to the highest seed).
 
-``python -m adanorm.lab.tasks.lm_plots SWEEP_DIR OUT.png`` reads ``SWEEP_DIR/<dataset>/<norm>/
+``python -m adanorm.lab.tasks.lm.plots SWEEP_DIR OUT.png`` reads ``SWEEP_DIR/<dataset>/<norm>/
 seed*/metrics.jsonl`` as written by ``adanorm sweep``.
 """
 
@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..plots import NORM_COLORS, display_name, read_metrics
+from ...plots import NORM_COLORS, display_name, read_metrics
 
 __all__ = ["bpc_curves", "plot_bpc_figure", "main"]
 

@@ -2,7 +2,7 @@
 
 The paper's PTB column is "an MLP-based parser, 3 layers" (shared/paper.md §3.5).  Here:
 
-* arc-standard transitions with a static oracle (:mod:`adanorm.lab.tasks.parsing_data`);
+* arc-standard transitions with a static oracle (:mod:`adanorm.lab.tasks.parsing.data`);
 * C&M's 48 features (18 words, 18 POS tags, 12 arc labels over s1..s3, b1..b3 and the leftmost /
   rightmost children of s1 and s2), each embedded and concatenated;
 * **"3 layers" = three weight layers**: ``embeddings -> [Linear -> norm -> ReLU] x 2 -> Linear``,
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
-from ..data import (
+from ...config import ConfigError
+from ...data import (
     DataFile,
     DatasetInfo,
     data_root,
@@ -39,11 +39,12 @@ from ..data import (
     require_dataset,
     user_cache_dir,
 )
-from ..schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
-from ..task import Stats, Task, TensorDataset, add_stats, register_task, stats_to_floats
-from . import parsing_data as pd
+from ...schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
+from ...task import Stats, Task, TensorDataset, add_stats, register_task, stats_to_floats
+from . import data as pd
+from .model import MLPParser
 
-__all__ = ["ParsingTask", "MLPParser", "greedy_parse", "attachment_counts", "EWT_FILES"]
+__all__ = ["ParsingTask", "greedy_parse", "attachment_counts", "EWT_FILES"]
 
 # --- datasets -----------------------------------------------------------------------------------
 _EWT_COMMIT = "15d613d8447b3478787d4c278730a1e48a945efb"  # UD_English-EWT, v2.16
@@ -79,69 +80,6 @@ PUNCT_RULES = {
     "ewt": "punctuation = gold UPOS PUNCT",
     "ptb": "punctuation = gold PTB tag in data.punct_tags",
 }
-
-
-# --- the model ----------------------------------------------------------------------------------
-class MLPParser(nn.Module):
-    """Embeddings of the 48 features -> [Linear -> norm -> activation -> dropout] per hidden layer
-    -> Linear to transition scores.  Norms come from ``make_norm`` (the task's configured norm)."""
-
-    def __init__(
-        self,
-        num_words: int,
-        num_tags: int,
-        num_label_features: int,
-        num_transitions: int,
-        make_norm: Callable[[int], nn.Module],
-        *,
-        word_dim: int = 50,
-        tag_dim: int = 50,
-        label_dim: int = 50,
-        hidden_sizes: Sequence[int] = (200, 200),
-        activation: str = "relu",
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if not hidden_sizes or any(int(h) <= 0 for h in hidden_sizes):
-            raise ConfigError(f"model.hidden_sizes must be positive ints, got {hidden_sizes!r}")
-        if activation not in ("relu", "cube"):
-            raise ConfigError(f"model.activation must be 'relu' or 'cube', got {activation!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}")
-        self.activation = activation
-        self.word_embed = nn.Embedding(num_words, word_dim)
-        self.tag_embed = nn.Embedding(num_tags, tag_dim)
-        self.label_embed = nn.Embedding(num_label_features, label_dim)
-        width = (
-            pd.NUM_WORD_FEATURES * word_dim
-            + pd.NUM_TAG_FEATURES * tag_dim
-            + pd.NUM_LABEL_FEATURES * label_dim
-        )
-        self.linears = nn.ModuleList()
-        self.norms = nn.ModuleList()
-        for size in hidden_sizes:
-            self.linears.append(nn.Linear(width, int(size)))
-            self.norms.append(make_norm(int(size)))
-            width = int(size)
-        self.dropout = nn.Dropout(dropout)  # never in place: norm outputs may carry hooks
-        self.output = nn.Linear(width, num_transitions)
-
-    def forward(self, features: Tensor) -> Tensor:
-        w_end = pd.NUM_WORD_FEATURES
-        t_end = w_end + pd.NUM_TAG_FEATURES
-        x = torch.cat(
-            [
-                self.word_embed(features[:, :w_end]).flatten(1),
-                self.tag_embed(features[:, w_end:t_end]).flatten(1),
-                self.label_embed(features[:, t_end:]).flatten(1),
-            ],
-            dim=1,
-        )
-        for linear, norm in zip(self.linears, self.norms, strict=True):
-            h = norm(linear(x))
-            h = torch.relu(h) if self.activation == "relu" else h * h * h
-            x = self.dropout(h)
-        return self.output(x)
 
 
 # --- decoding and scoring -----------------------------------------------------------------------
