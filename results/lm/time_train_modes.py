@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import torch
 
 from adanorm.lab.config import load_config
+from adanorm.lab.samplers import GlobalBatchSampler
 from adanorm.lab.tasks.lm.task import TRAIN_MODES, LMTask
-from adanorm.lab.trainer import GlobalBatchSampler
 
 MODES = TRAIN_MODES  # ("stream", "warmup")
 
