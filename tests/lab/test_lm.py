@@ -341,7 +341,8 @@ def test_real_tiny_shakespeare_smoke_preset(tmp_path: Path) -> None:
 
 
 def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
-    from adanorm.lab.tasks.lm.plots import bpc_curves, plot_bpc_figure
+    from adanorm.lab.plots import curves_at_common_steps
+    from adanorm.lab.tasks.lm.plots import plot_bpc_figure
 
     for norm, offset in (("layernorm", 0.0), ("layernorm-simple", 0.1)):
         for seed in (1, 2):
@@ -354,7 +355,7 @@ def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
                         fh.write(json.dumps({"split": split, "step": step, "bpc": bpc}) + "\n")
     runs = [[{"split": "train", "step": 1, "bpc": 2.0}, {"split": "train", "step": 2, "bpc": 1.0}],
             [{"split": "train", "step": 2, "bpc": 3.0}]]
-    assert bpc_curves(runs, "train") == ([2], [[1.0], [3.0]])
+    assert curves_at_common_steps(runs, "train", "bpc") == ([2], [[1.0], [3.0]])
     out = plot_bpc_figure(tmp_path / "sweep", tmp_path / "fig.png")
     assert out.stat().st_size > 1000
     with pytest.raises(ValueError, match="no runs"):
