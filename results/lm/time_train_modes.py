@@ -43,7 +43,7 @@ def update_seconds(
     task.begin_train_epoch(0, 0)
     for indices in sampler:
         started, cpu_started = time.perf_counter(), time.process_time()
-        batch = task.collate(train.__getitems__(indices))
+        batch = task.collate(train.__getitems__(indices), "train")
         loss, _ = task.loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])

@@ -288,7 +288,7 @@ def test_training_loss_uses_memory_of_the_preceding_segment() -> None:
     """With memory covering the warm-up, the loss equals that of one pass over the window."""
     task = SyntheticLM(synthetic_cfg("data.train_mode=warmup"))
     model = task.build_model().eval()
-    batch = task.collate(task.dataset("train").__getitems__([0, 3, 5]))
+    batch = task.collate(task.dataset("train").__getitems__([0, 3, 5]), "train")
     assert batch.shape == (3, 2 * task.tgt_len + 1)
     loss, stats = task.loss(model, batch)
     logits, _ = model(batch[:, :-1], mem_len=0)
@@ -304,9 +304,9 @@ def test_evaluate_carries_memory_across_segments() -> None:
                                      "model.eval_same_length=false", "model.eval_tgt_len=7"))
     model = task.build_model().eval()
     valid = task.dataset("valid")
-    streams = task.collate(valid.__getitems__(list(range(len(valid)))))
+    streams = task.collate(valid.__getitems__(list(range(len(valid)))), "valid")
     metrics = task.evaluate(model, [streams[:2], streams[2:]], lambda s: s,
-                            contextlib.nullcontext)
+                            contextlib.nullcontext, "valid")
     with torch.no_grad():
         logits, _ = model(streams[:, :-1], mem_len=0)
     nats = nn.functional.cross_entropy(logits.reshape(-1, 96), streams[:, 1:].reshape(-1))

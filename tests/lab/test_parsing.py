@@ -318,7 +318,8 @@ def test_training_beats_the_untrained_parser_by_far(tmp_path: Path) -> None:
     task = ParsingTask(cfg)
     torch.manual_seed(0)
     untrained = task.evaluate(
-        task.build_model().eval(), [task.dataset("test").sentences], lambda s: s, nullcontext
+        task.build_model().eval(), [task.dataset("test").sentences], lambda s: s, nullcontext,
+        "test",
     )
     results = Trainer(cfg, tmp_path / "run", argv=["test"]).fit()
     trained = results["test"]

@@ -162,7 +162,7 @@ def test_vocabulary_comes_from_train_only_and_collate_trims_padding(synthetic_da
     assert "neverseen" not in task.vocabulary.index
     ids, labels = task.dataset("test")[:]
     assert ids[-1, 1] == UNK_ID and ids.shape[1] == 32  # stored at model.max_len
-    batch_ids, batch_labels = task.collate(task.dataset("test").__getitems__([0, 1, 2]))
+    batch_ids, batch_labels = task.collate(task.dataset("test").__getitems__([0, 1, 2]), "test")
     lengths = (batch_ids != PAD_ID).sum(1)
     assert batch_ids.shape[1] == int(lengths.max()) and torch.equal(batch_labels, labels[:3])
 

@@ -20,6 +20,7 @@ shorter than recorded (lost lines) is refused; a resumed run without a checkpoin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -202,16 +203,10 @@ class Trainer:
 
     def _save_best(self) -> None:
         if self.dist.is_main:
-            ckpt.atomic_save(
-                {
-                    "format": "adanorm-lab-best/1",
-                    "model": self.module.state_dict(),
-                    "step": self.state.step,
-                    "valid": dict(self.state.last_valid),
-                    "config": json.loads(json.dumps(self.cfg)),
-                },
-                self.run_dir / BEST,
-            )
+            state = {"format": "adanorm-lab-best/1", "model": self.module.state_dict(),
+                     "step": self.state.step, "valid": dict(self.state.last_valid),
+                     "config": json.loads(json.dumps(self.cfg))}
+            ckpt.atomic_save(state, self.run_dir / BEST)
 
     def _load_last(self) -> None:
         state, self._resume_state = self._resume_state, None
@@ -246,22 +241,22 @@ class Trainer:
             return Subset(dataset, range(limit))
         return dataset
 
-    def _loader(self, dataset: Dataset, sampler: Sampler[list[int]]) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler[list[int]], split: str) -> DataLoader:
         # A private generator: creating a DataLoader iterator draws a seed from its generator,
         # and drawing from the global one would shift dropout masks after a resume.
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=self.task.collate,
+            collate_fn=functools.partial(self.task.collate, split=split),
             num_workers=0,
             generator=torch.Generator().manual_seed(0),
         )
 
-    def _eval_batches(self, dataset: Dataset) -> Iterator[Any]:
-        sampler = ShardSampler(
-            len(dataset), self.cfg["data"]["eval_batch_size"], self.dist.rank, self.dist.world_size
-        )
-        for batch in self._loader(dataset, sampler):
+    def _eval_batches(self, dataset: Dataset, split: str) -> Iterator[Any]:
+        # A task whose examples are batches evaluates one of them per call.
+        size = 1 if self.task.examples_are_batches else self.cfg["data"]["eval_batch_size"]
+        sampler = ShardSampler(len(dataset), size, self.dist.rank, self.dist.world_size)
+        for batch in self._loader(dataset, sampler, split):
             yield move_to_device(batch, self.device)
 
     def evaluate(self, split: str) -> dict[str, float]:
@@ -271,9 +266,10 @@ class Trainer:
         try:
             return self.task.evaluate(
                 self.module,
-                self._eval_batches(dataset),
+                self._eval_batches(dataset, split),
                 lambda stats: all_reduce_sums(stats_to_floats(stats), self.device),
                 self._autocast,
+                split,
             )
         except Exception as exc:
             if is_out_of_memory(exc):
@@ -436,13 +432,17 @@ class Trainer:
             self.grad_recorder = GradientStatsRecorder(self.module, every=gradstats_every)
 
         accum = cfg["optim"]["accum_steps"]
-        global_batch = cfg["data"]["batch_size"]
+        if self.task.examples_are_batches:  # one of the task's own batches per process
+            global_batch, batch_key = self.dist.world_size, f"{self.dist.world_size} processes"
+        else:
+            global_batch = cfg["data"]["batch_size"]
+            batch_key = f"data.batch_size={global_batch}"
         micro_per_epoch = len(self.train_set) // global_batch
         self.steps_per_epoch = micro_per_epoch // accum
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"the train split has {len(self.train_set)} examples: fewer than one update of "
-                f"data.batch_size={global_batch} x optim.accum_steps={accum}"
+                f"{batch_key} x optim.accum_steps={accum}"
             )
         total = tcfg["max_epochs"] * self.steps_per_epoch if tcfg["max_epochs"] else 0
         if tcfg["max_steps"]:
@@ -487,7 +487,7 @@ class Trainer:
                     num_batches=self.steps_per_epoch * accum,
                 )
                 self.task.begin_train_epoch(self.state.epoch, self.state.batch_in_epoch)
-                batches = iter(self._loader(self.train_set, sampler))
+                batches = iter(self._loader(self.train_set, sampler, "train"))
                 while self.state.step < total and not self.state.stopped_early:
                     self._optimizer_step([next(batches) for _ in range(accum)])
                     epoch_end = self._after_update(total, accum, started, seconds_before)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from ...data import DataFile, DatasetInfo, register_dataset, require_dataset
 from ...schema import Bool, DropoutRate, Int, Str, TaskSchema
-from ...task import Stats, Task, register_task, stats_to_floats
+from ...task import Stats, Task, register_task
 from .data import (
     ENWIK8_PROTOCOLS,
     Corpus,
@@ -217,7 +217,7 @@ class LMTask(Task):
             return SegmentWindows(ids, self.tgt_len, self.memory_segments * self.tgt_len)
         return EvalStreams(ids, int(self.cfg["data"]["eval_streams"]))
 
-    def collate(self, examples: Any) -> Tensor:
+    def collate(self, examples: Any, split: str) -> Tensor:
         if isinstance(examples, Tensor):  # from __getitems__: already one batch
             return examples
         return torch.stack(list(examples))
@@ -326,26 +326,17 @@ class LMTask(Task):
         return {"loss": nats, "bpc": nats / math.log(2), "symbols": symbols}
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        reduce: Callable[[Stats], Stats],
-        autocast: Callable[[], Any],
-    ) -> dict[str, float]:
-        """Read every batch of streams segment by segment, carrying memory between segments."""
-        total: Stats = {"nll_sum": 0.0, "symbols": 0.0}
-        with torch.no_grad():
-            for streams in batches:
-                mems: Mems | None = None
-                length = streams.shape[1]
-                for start in range(0, length - 1, self.eval_tgt_len):
-                    end = min(start + self.eval_tgt_len, length - 1)
-                    with autocast():
-                        logits, mems = model(streams[:, start:end], mems, **self.eval_lengths)
-                    targets = streams[:, start + 1 : end + 1]
-                    total["nll_sum"] += F.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                        reduction="sum").double()
-                    total["symbols"] += targets.numel()
-        return self.metrics(reduce(stats_to_floats(total)))
+    def eval_batch_stats(self, model: nn.Module, streams: Tensor, split: str) -> Stats:
+        """Read a batch of streams segment by segment, carrying memory between segments."""
+        stats: Stats = {"nll_sum": 0.0, "symbols": 0.0}
+        mems: Mems | None = None
+        length = streams.shape[1]
+        for start in range(0, length - 1, self.eval_tgt_len):
+            end = min(start + self.eval_tgt_len, length - 1)
+            logits, mems = model(streams[:, start:end], mems, **self.eval_lengths)
+            targets = streams[:, start + 1 : end + 1]
+            stats["nll_sum"] += F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                reduction="sum").double()
+            stats["symbols"] += targets.numel()
+        return stats

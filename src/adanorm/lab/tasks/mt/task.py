@@ -2,20 +2,24 @@
 
 Task, model and criterion in fairseq's split, without fairseq:
 
-* **data** (:mod:`.mt_data`): Moses tokenization, joint BPE, length filtering and a binarized cache
-  per recipe (``multi30k``, ``iwslt14_de_en``, ``iwslt15_en_vi``, ``wmt14_en_de``);
+* **data** (:mod:`.data`, :mod:`.recipes`, :mod:`.bpe`): Moses tokenization, joint BPE, length
+  filtering and a binarized cache per recipe (``multi30k``, ``iwslt14_de_en``,
+  ``iwslt15_en_vi``, ``wmt14_en_de``);
 * **batches by token count**: sentences sorted by length are cut into batches of at most
   ``data.max_tokens`` padded tokens (``sentences * max(src_len, tgt_len)``, fairseq's rule).  The
-  batches are built once, so one dataset *example* is one such batch; the trainer shuffles them
-  per epoch and ``optim.accum_steps`` is fairseq's ``--update-freq``.  ``data.batch_size`` counts
-  token batches per micro-step over all processes: set it to the number of DDP processes;
-* **model** (:mod:`.mt_model`): the encoder-decoder Transformer, every norm from ``make_norm``;
+  batches are built once, so one dataset *example* is one such batch
+  (:attr:`~adanorm.lab.task.Task.examples_are_batches`): the trainer shuffles them per epoch and
+  gives each process one per micro-step, and ``optim.accum_steps`` is fairseq's
+  ``--update-freq``.  ``data.batch_size`` and ``data.eval_batch_size`` (examples per micro-step
+  in every other task) are refused: ``data.max_tokens`` and ``data.eval_max_tokens`` size the
+  batches;
+* **model** (:mod:`.model`): the encoder-decoder Transformer, every norm from ``make_norm``;
 * **criterion**: label-smoothed cross-entropy (``model.label_smoothing``), the mean over the
   target tokens of each micro-batch;
 * **validation** is the label-smoothed loss (fairseq's checkpoint criterion: the best checkpoint is
   the one with the lowest validation loss);
-* **test** decodes with beam search (:mod:`.mt_search`: ``generation.*``) and scores BLEU two ways,
-  each labelled where it is reported:
+* **test** decodes with beam search (:mod:`.search`: ``generation.*``) and scores BLEU two ways
+  (:mod:`.bleu`), each labelled where it is reported:
 
   - ``bleu``: *tokenized BLEU* — BPE removed, Moses-tokenized (and lower-cased when the recipe
     lower-cases) hypotheses against the equally processed references, BLEU-4 without smoothing
@@ -58,9 +62,6 @@ from .model import TransformerMT
 from .search import SearchConfig, beam_search
 
 __all__ = ["MTTask", "TokenBatches", "batches_by_tokens"]
-
-_SPLIT_MARKERS = {"train": -1, "valid": -2, "test": -3}
-_MARKER_SPLITS = {v: k for k, v in _SPLIT_MARKERS.items()}
 
 # Prepared corpora per (recipe config, data root): preparing Multi30k takes a while.
 _CORPORA: dict[tuple[str, str], PreparedCorpus] = {}
@@ -171,7 +172,14 @@ class MTTask(Task):
             "max_len_a": Float(0.0, "max length = a * source length + b", low=0.0),
             "max_len_b": Int(200, low=1),
         },
+        refused={
+            "data.batch_size": "translation batches by tokens; set data.max_tokens (padded "
+            "tokens per micro-batch and process) instead",
+            "data.eval_batch_size": "translation batches by tokens; set data.eval_max_tokens "
+            "instead",
+        },
     )
+    examples_are_batches = True
     valid_metric = "loss"
     valid_mode = "min"
     test_metric = "bleu"
@@ -237,19 +245,15 @@ class MTTask(Task):
                 src_lengths, tgt_lengths, self.eval_max_tokens,
                 max_sentences=self.decode_max_sentences, order=order,
             )
-        # Collate sees only indices: each batch ends with a marker naming its split.
-        marker = _SPLIT_MARKERS[split]
-        return TokenBatches([batch + [marker] for batch in batches])
+        return TokenBatches(batches)
 
     def _pad(self, sequences: list[Tensor]) -> Tensor:
         pad = self.corpus().dictionary.pad
         return nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad)
 
-    def collate(self, examples: Any) -> dict[str, Any]:
+    def collate(self, examples: Any, split: str) -> dict[str, Any]:
         groups = [examples] if examples and isinstance(examples[0], int) else list(examples)
-        split = _MARKER_SPLITS[groups[0][-1]]
-        decode = split == "test"
-        indices = [i for group in groups for i in group[:-1]]
+        indices = [i for group in groups for i in group]
         d = self.corpus().dictionary
         data = self.corpus().splits[split]
         eos = torch.tensor([d.eos])
@@ -259,7 +263,7 @@ class MTTask(Task):
         prev = self._pad([torch.cat([bos, data.tgt[i]]) for i in indices])
         # Counted here, on the host, so that the loss never waits for the device to count them.
         return {"src": src, "prev": prev, "target": target,
-                "index": torch.tensor(indices), "decode": decode,
+                "index": torch.tensor(indices),
                 "target_tokens": int(target.ne(d.pad).sum()),
                 "src_tokens": int(src.ne(d.pad).sum())}
 
@@ -317,10 +321,10 @@ class MTTask(Task):
         return out
 
     # --- evaluation -----------------------------------------------------------------------------
-    def eval_batch_stats(self, model: nn.Module, batch: Mapping[str, Any]) -> Stats:
+    def eval_batch_stats(self, model: nn.Module, batch: Mapping[str, Any], split: str) -> Stats:
         """Valid: the loss.  Test: the loss, then beam search and both BLEUs' statistics."""
         stats = self.loss(model, batch)[1]
-        if batch["decode"]:
+        if split == "test":
             stats.update(self._translate(model, batch))
         return stats
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from ...data import (
     user_cache_dir,
 )
 from ...schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
-from ...task import Stats, Task, TensorDataset, add_stats, register_task, stats_to_floats
+from ...task import Stats, Task, TensorDataset, cross_entropy_stats, register_task
 from . import data as pd
 from .model import MLPParser
 
@@ -319,7 +319,7 @@ class ParsingTask(Task):
             return TensorDataset(torch.from_numpy(features), torch.from_numpy(transitions))
         return _Sentences(splits[split])
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         return examples  # a (features, transitions) batch, or a list of sentences
 
     def build_model(self) -> nn.Module:
@@ -341,40 +341,23 @@ class ParsingTask(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
         features, transitions = batch
-        scores = model(features).float()
-        loss = nn.functional.cross_entropy(scores, transitions)
-        n = transitions.shape[0]
-        return loss, {
-            "loss_sum": loss.detach().double() * n,
-            "correct": (scores.detach().argmax(1) == transitions).sum().double(),
-            "n": float(n),
-        }
+        return cross_entropy_stats(model(features), transitions)
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        reduce: Callable[[Stats], Stats],
-        autocast: Callable[[], Any],
-    ) -> dict[str, float]:
+    def eval_batch_stats(self, model: nn.Module, sentences: Any, split: str) -> Stats:
         """Oracle-transition loss (sentences the oracle can derive) and greedy-decoding UAS/LAS
         (all sentences)."""
         vocab, _, _ = self.treebank()
         device = next(model.parameters()).device
-        total: Stats = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0}
-        with torch.no_grad():
-            for sentences in batches:
-                derivable = [s for s in sentences if len(s.transitions)]
-                if derivable:
-                    features = torch.from_numpy(np.concatenate([s.features for s in derivable]))
-                    gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
-                    with autocast():
-                        _, stats = self.loss(model, (features.to(device), gold.to(device)))
-                    add_stats(total, stats)
-                with autocast():
-                    predicted = greedy_parse(model, sentences, vocab.num_labels)
-                add_stats(total, attachment_counts(sentences, predicted))
-        return self.metrics(reduce(stats_to_floats(total)))
+        # The loss's keys even for a batch without derivable sentences: every process must send
+        # the same keys to the sum over processes.
+        stats: Stats = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0}
+        derivable = [s for s in sentences if len(s.transitions)]
+        if derivable:
+            features = torch.from_numpy(np.concatenate([s.features for s in derivable]))
+            gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
+            stats = self.loss(model, (features.to(device), gold.to(device)))[1]
+        predicted = greedy_parse(model, sentences, vocab.num_labels)
+        return {**stats, **attachment_counts(sentences, predicted)}
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)

@@ -143,7 +143,7 @@ class TextClassificationTask(ClassificationTask):
             raise ValueError(f"unknown split {split!r}; choose train, valid or test")
         return TensorDataset(*tensors[split])
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         if not isinstance(examples, tuple):  # individual examples (no __getitems__ on the path)
             examples = tuple(torch.stack(column) for column in zip(*examples, strict=True))
         ids, labels = examples

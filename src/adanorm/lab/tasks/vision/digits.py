@@ -78,7 +78,7 @@ class DigitsTask(ClassificationTask):
             raise ValueError(f"unknown split {split!r}")
         return TensorDataset(*_CACHE["splits"][split])
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         return stack_batch(examples)
 
     def build_model(self) -> nn.Module:

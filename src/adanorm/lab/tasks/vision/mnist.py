@@ -89,7 +89,7 @@ class MnistTask(ClassificationTask):
             return TensorDataset(test_x, test_y)
         raise ValueError(f"unknown split {split!r}")
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         return stack_batch(examples)
 
     def build_model(self) -> nn.Module:
