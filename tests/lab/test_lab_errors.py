@@ -162,7 +162,7 @@ def test_out_of_memory_in_training_names_the_value_to_lower(
 def test_out_of_memory_in_evaluation_names_the_evaluation_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def cuda_oom(self, model, batch):
+    def cuda_oom(self, model, batch, split):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(DigitsTask, "eval_batch_stats", cuda_oom)
