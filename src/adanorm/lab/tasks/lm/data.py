@@ -1,6 +1,6 @@
 """Character/byte corpora for language modelling: Tiny Shakespeare and enwik8, split and encoded.
 
-enwik8 comes in two protocols (``shared/notes/ecosystem.md`` §2.3), and every number says which:
+enwik8 comes in two protocols (``docs/tasks/lm.md``), and every number says which:
 
 * ``raw``: the bytes as they are, newlines kept, a 256-symbol vocabulary (x-transformers style);
   BPC is per *byte*.

@@ -2,13 +2,13 @@
 
 Datasets: ``tiny_shakespeare`` (the CPU-scale stand-in; BPC per character) and ``enwik8`` under
 ``data.protocol`` ``raw`` (bytes, newlines kept; BPC per byte) or ``txl`` (the Transformer-XL
-pipeline, newlines dropped; BPC per character) — see :mod:`.lm_data`.  The protocol is part of
+pipeline, newlines dropped; BPC per character) — see :mod:`.data`.  The protocol is part of
 :attr:`LMTask.test_metric_label`, so it is written next to every number.
 
 **Memory during training** (``data.train_mode``):
 
 * ``stream`` (the presets' default; the reference's loop): the train split is cut into
-  ``data.batch_size`` contiguous streams (:class:`~.lm_data.TrainStreams`), the trainer reads them
+  ``data.batch_size`` contiguous streams (:class:`~.data.TrainStreams`), the trainer reads them
   in order (:attr:`LMTask.shuffle_train` is False), each DDP process owning its slice of the
   streams, and the detached memory that segment ``b`` of a stream leaves is the memory of its
   segment ``b + 1``, one update later (with ``optim.accum_steps`` > 1, one micro-batch later).

@@ -2,7 +2,7 @@
 
 Read top to bottom: attention (with a key/value cache for incremental decoding), the two layer
 types, the two stacks, the model.  It follows fairseq's ``transformer_iwslt_de_en`` as the paper's
-released scripts run it (``shared/paper.md`` §3.1):
+released scripts run it (``docs/paper.md`` §3.1):
 
 * sinusoidal positions, embeddings scaled by sqrt(d) and, with ``share_embeddings``, one matrix for
   the source embedding, the target embedding and the output projection (joined dictionary);

