@@ -10,16 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...plots import (
-    NORM_COLORS,
-    curves_at_common_steps,
-    display_name,
-    draw_mean_band,
-    figure_cli,
-    pyplot,
-    read_metrics,
-    save_figure,
-)
+from ... import plots as lab_plots
 
 __all__ = ["plot_bpc_figure", "main"]
 
@@ -28,20 +19,23 @@ def plot_bpc_figure(sweep_dir: Path, out: Path, norms: Sequence[str] = (
         "layernorm", "layernorm-simple")) -> Path:
     import numpy as np
 
-    plt = pyplot()
+    plt = lab_plots.pyplot()
     datasets = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     if len(datasets) != 1:
         raise ValueError(f"{sweep_dir}: expected one dataset directory, found {datasets}")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for norm in norms:
-        runs = [read_metrics(p) for p in sorted((datasets[0] / norm).glob("seed*/metrics.jsonl"))]
+        paths = sorted((datasets[0] / norm).glob("seed*/metrics.jsonl"))
+        runs = [lab_plots.read_metrics(p) for p in paths]
         if not runs:
             raise ValueError(f"{datasets[0] / norm}: no runs with metrics.jsonl")
         for ax, split in zip(axes, ("train", "valid"), strict=True):
-            steps, values = curves_at_common_steps(runs, split, "bpc")
-            draw_mean_band(ax, steps, values, color=NORM_COLORS.get(norm),
-                           label=f"{display_name(norm)} (n={len(runs)})",
-                           marker="o" if split == "valid" else None, band_alpha=0.15)
+            steps, values = lab_plots.curves_at_common_steps(runs, split, "bpc")
+            lab_plots.draw_mean_band(
+                ax, steps, values, color=lab_plots.NORM_COLORS.get(norm),
+                label=f"{lab_plots.display_name(norm)} (n={len(runs)})",
+                marker="o" if split == "valid" else None, band_alpha=0.15,
+            )
     for ax, split in zip(axes, ("train", "valid"), strict=True):
         ax.set_xlabel("optimizer updates")
         ax.set_ylabel(f"{split} BPC")
@@ -53,11 +47,11 @@ def plot_bpc_figure(sweep_dir: Path, out: Path, norms: Sequence[str] = (
         tail = np.concatenate([y[len(y) // 3 :] for y in lines])
         ax.set_ylim(tail.min() - 0.05, tail.max() + 0.1)
     axes[1].legend(frameon=False)
-    return save_figure(fig, out)
+    return lab_plots.save_figure(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return figure_cli(__doc__.split("\n\n")[0], plot_bpc_figure, argv)
+    return lab_plots.figure_cli(__doc__.split("\n\n")[0], plot_bpc_figure, argv)
 
 
 if __name__ == "__main__":

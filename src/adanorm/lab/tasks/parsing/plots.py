@@ -16,16 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from ...plots import (
-    NORM_COLORS,
-    curves_at_common_steps,
-    display_name,
-    draw_mean_band,
-    figure_cli,
-    pyplot,
-    read_metrics,
-    save_figure,
-)
+from ... import plots as lab_plots
 
 __all__ = ["plot_figure2", "main"]
 
@@ -40,14 +31,15 @@ def _runs(sweep: Path, dataset: str) -> dict[str, list[tuple[float, list[dict]]]
         if result["dataset"] != dataset or result["norm"] not in NORMS:
             continue
         per_epoch = result["steps"] / max(result["epochs_completed"], 1)
-        out[result["norm_label"]].append((per_epoch, read_metrics(path.parent / "metrics.jsonl")))
+        records = lab_plots.read_metrics(path.parent / "metrics.jsonl")
+        out[result["norm_label"]].append((per_epoch, records))
     return out
 
 
 def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
     import numpy as np
 
-    plt = pyplot()
+    plt = lab_plots.pyplot()
     runs = _runs(sweep, dataset)
     if not runs:
         raise FileNotFoundError(f"no finished LayerNorm or AdaNorm runs on {dataset} in {sweep}")
@@ -55,15 +47,16 @@ def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
     for ax, split in zip(axes, ("train", "valid"), strict=True):
         for label in sorted(runs, key=lambda lab: NORMS.index(lab.partition("(")[0])):
             members = runs[label]
-            steps, values = curves_at_common_steps([records for _, records in members], split)
+            curves = [records for _, records in members]
+            steps, values = lab_plots.curves_at_common_steps(curves, split)
             if not steps:
                 continue
-            draw_mean_band(
+            lab_plots.draw_mean_band(
                 ax,
                 np.asarray(steps) / members[0][0],  # in epochs
                 values,
-                color=NORM_COLORS.get(label.partition("(")[0]),
-                label=f"{display_name(label)} (n={len(members)})",
+                color=lab_plots.NORM_COLORS.get(label.partition("(")[0]),
+                label=f"{lab_plots.display_name(label)} (n={len(members)})",
                 marker="o" if len(steps) <= 12 else None,
                 band_alpha=0.2,
             )
@@ -83,11 +76,11 @@ def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
         ax.set_title(f"{dataset}: {split} loss")
         ax.grid(True, alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
-    return save_figure(fig, out)
+    return lab_plots.save_figure(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return figure_cli(__doc__.split("\n\n")[0], plot_figure2, argv, dataset="ewt")
+    return lab_plots.figure_cli(__doc__.split("\n\n")[0], plot_figure2, argv, dataset="ewt")
 
 
 if __name__ == "__main__":
