@@ -24,6 +24,8 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "atomic_write_text",
+    "atomic_write_bytes",
+    "atomic_write_stream",
     "CheckpointError",
 ]
 
@@ -53,9 +55,10 @@ def _mkstemp_for(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, fsync it and rename it over ``path``;
-    on any failure the temporary file is removed and ``path`` is untouched."""
+def atomic_write_stream(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, fsync it and rename it over ``path``
+    (concurrent writers each rename a complete file); on any failure the temporary file is removed
+    and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _mkstemp_for(path)
@@ -71,7 +74,7 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], obje
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    _atomic_write(path, lambda fh: fh.write(data))
+    atomic_write_stream(path, lambda fh: fh.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -80,7 +83,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_save(obj: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """``torch.save(obj, path)``, atomically."""
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    atomic_write_stream(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str | os.PathLike[str], required: Iterable[str] = ()) -> dict[str, Any]:

@@ -1,48 +1,28 @@
-"""Treebank reading, the arc-standard transition system, Chen & Manning features and the cache.
+"""Parsing data: vocabularies built on the training split, sentences encoded with their oracle
+transitions and features (:mod:`.transitions`), and the on-disk feature cache.
 
-Everything here is framework-free (lists and numpy); :mod:`adanorm.lab.tasks.parsing` wraps it into
-a :class:`~adanorm.lab.task.Task`.
-
-Conventions
------------
-* A sentence of ``n`` words is indexed ``1..n``; index ``0`` is the artificial ROOT.
-* Arc-standard (Nivre 2004, as in Chen & Manning 2014): the stack starts as ``[ROOT]``, the buffer
-  as ``1..n``.  SHIFT moves the buffer front onto the stack; LEFT-ARC(l) makes the top ``s1`` the
-  head of the second ``s2`` and pops ``s2``; RIGHT-ARC(l) makes ``s2`` the head of ``s1`` and pops
-  ``s1``.  ROOT may take a dependent only by RIGHT-ARC once the buffer is empty, so every
-  terminal configuration is a projective tree with exactly one word attached to ROOT.
-* Transition ids: ``0`` = SHIFT, ``1 + l`` = LEFT-ARC(l), ``1 + L + l`` = RIGHT-ARC(l) for label
-  index ``l`` of ``L`` labels.
-* Feature ids: ``0`` = NULL (no such position) in all three vocabularies; words and tags also have
-  ``1`` = UNK and ``2`` = ROOT; label features are ``1 + l``.
+Everything here is framework-free (lists and numpy); :mod:`.task` wraps it into a
+:class:`~adanorm.lab.task.Task`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ...checkpoint import atomic_write_stream
+from .conll import Sentence, is_projective, root_count
+from .transitions import NUM_FEATURES, ROOT, UNK, OracleError, oracle_transitions
+
 __all__ = [
-    "Sentence",
     "EncodedSentence",
     "Vocab",
-    "ParseState",
-    "OracleError",
-    "read_conllu",
-    "read_conllx",
-    "is_projective",
-    "root_count",
-    "oracle_transitions",
-    "extract_features",
-    "legal_moves",
-    "apply_transition",
     "build_vocab",
     "encode_sentence",
     "featurize_treebank",
@@ -51,308 +31,9 @@ __all__ = [
     "CacheError",
     "cache_key",
     "file_fingerprint",
-    "NUM_WORD_FEATURES",
-    "NUM_TAG_FEATURES",
-    "NUM_LABEL_FEATURES",
-    "NUM_FEATURES",
-    "NULL",
-    "UNK",
-    "ROOT",
-    "DEFAULT_PTB_PUNCT_TAGS",
 ]
 
-NULL, UNK, ROOT = 0, 1, 2
 UNK_LABEL = "<unk>"  # label index 0: dev/test labels never seen in training
-NUM_WORD_FEATURES = 18  # s1..s3, b1..b3, and 12 children of s1 and s2
-NUM_TAG_FEATURES = 18  # the same 18 positions
-NUM_LABEL_FEATURES = 12  # the 12 children positions
-NUM_FEATURES = NUM_WORD_FEATURES + NUM_TAG_FEATURES + NUM_LABEL_FEATURES
-#: The usual PTB punctuation tags for "UAS without punctuation" (gold tags).
-DEFAULT_PTB_PUNCT_TAGS = ("``", "''", ",", ".", ":")
-
-
-class OracleError(ValueError):
-    """The static oracle cannot derive a sentence's gold tree (non-projective or multi-rooted)."""
-
-
-@dataclass
-class Sentence:
-    """One gold sentence: parallel lists over words ``1..n`` (no ROOT entry)."""
-
-    forms: list[str]
-    tags: list[str]
-    heads: list[int]
-    deprels: list[str]
-    punct: list[bool]
-
-    def __len__(self) -> int:
-        return len(self.forms)
-
-
-# --- readers ------------------------------------------------------------------------------------
-def _check_heads(heads: Sequence[int], where: str) -> None:
-    n = len(heads)
-    for i, h in enumerate(heads, start=1):
-        if not 0 <= h <= n or h == i:
-            raise ValueError(f"{where}: word {i} has head {h}, outside 0..{n} or itself")
-
-
-def read_conllu(path: str | os.PathLike[str], pos_field: str = "xpos") -> list[Sentence]:
-    """Read a CoNLL-U file with the ``conllu`` library, keeping only syntactic words.
-
-    Multiword-token ranges (``3-4``) and empty nodes (``8.1``) are skipped: ``conllu`` gives them
-    tuple ids, words have int ids.  Punctuation is gold UPOS ``PUNCT`` (the UD rule) whatever
-    ``pos_field`` (``"upos"`` or ``"xpos"``) feeds the parser.
-    """
-    import conllu
-
-    if pos_field not in ("upos", "xpos"):
-        raise ValueError(f"pos_field for CoNLL-U must be 'upos' or 'xpos', got {pos_field!r}")
-    sentences = []
-    with open(path, encoding="utf-8") as fh:
-        for number, tokens in enumerate(conllu.parse_incr(fh), start=1):
-            words = [t for t in tokens if isinstance(t["id"], int)]
-            where = f"{path}: sentence {number} ({tokens.metadata.get('sent_id', '?')})"
-            if [t["id"] for t in words] != list(range(1, len(words) + 1)):
-                raise ValueError(f"{where}: word ids are not 1..n")
-            heads = []
-            for t in words:
-                if not isinstance(t["head"], int):
-                    raise ValueError(f"{where}: word {t['id']} has no integer head ({t['head']!r})")
-                heads.append(t["head"])
-            _check_heads(heads, where)
-            sentences.append(
-                Sentence(
-                    forms=[t["form"] for t in words],
-                    tags=[str(t[pos_field]) for t in words],
-                    heads=heads,
-                    deprels=[t["deprel"] for t in words],
-                    punct=[t["upos"] == "PUNCT" for t in words],
-                )
-            )
-    return sentences
-
-
-def read_conllx(
-    path: str | os.PathLike[str],
-    pos_field: str = "postag",
-    punct_tags: Iterable[str] = DEFAULT_PTB_PUNCT_TAGS,
-) -> list[Sentence]:
-    """Read a CoNLL-X file (10 tab-separated columns: ID FORM LEMMA CPOSTAG POSTAG FEATS HEAD
-    DEPREL PHEAD PDEPREL).  A word is punctuation when its gold ``pos_field`` tag (``"cpostag"``
-    or ``"postag"``) is in ``punct_tags``."""
-    columns = {"cpostag": 3, "postag": 4}
-    if pos_field not in columns:
-        raise ValueError(f"pos_field for CoNLL-X must be 'cpostag' or 'postag', got {pos_field!r}")
-    col = columns[pos_field]
-    punct_set = set(punct_tags)
-    sentences: list[Sentence] = []
-    rows: list[list[str]] = []
-
-    def flush(line_no: int) -> None:
-        if not rows:
-            return
-        where = f"{path}: sentence ending before line {line_no}"
-        ids = [r[0] for r in rows]
-        if ids != [str(i) for i in range(1, len(rows) + 1)]:
-            raise ValueError(f"{where}: word ids {ids[:8]}... are not 1..n")
-        try:
-            heads = [int(r[6]) for r in rows]
-        except ValueError as exc:
-            raise ValueError(f"{where}: a HEAD is not an integer ({exc})") from exc
-        _check_heads(heads, where)
-        sentences.append(
-            Sentence(
-                forms=[r[1] for r in rows],
-                tags=[r[col] for r in rows],
-                heads=heads,
-                deprels=[r[7] for r in rows],
-                punct=[r[col] in punct_set for r in rows],
-            )
-        )
-        rows.clear()
-
-    with open(path, encoding="utf-8") as fh:
-        line_no = 0
-        for line_no, line in enumerate(fh, start=1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                flush(line_no)
-                continue
-            if line.startswith("#"):
-                continue
-            parts = line.split("\t")
-            if len(parts) != 10:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 10 tab-separated CoNLL-X columns, got "
-                    f"{len(parts)}: {line[:80]!r}"
-                )
-            rows.append(parts)
-        flush(line_no + 1)
-    return sentences
-
-
-# --- tree properties ----------------------------------------------------------------------------
-def root_count(heads: Sequence[int]) -> int:
-    return sum(1 for h in heads if h == 0)
-
-
-def is_projective(heads: Sequence[int]) -> bool:
-    """True if no two arcs cross, the arc from ROOT (position 0) included."""
-    arcs = sorted((min(h, d), max(h, d)) for d, h in enumerate(heads, start=1))
-    for i, (left1, right1) in enumerate(arcs):
-        for left2, right2 in arcs[i + 1 :]:
-            if left2 >= right1:
-                break  # arcs are sorted by left end: no later arc starts inside this one
-            if left1 < left2 < right1 < right2:
-                return False
-    return True
-
-
-# --- the transition system ----------------------------------------------------------------------
-@dataclass
-class ParseState:
-    """A configuration for a sentence of ``n`` words; ``labels`` holds label *feature* ids."""
-
-    n: int
-    stack: list[int] = field(default_factory=lambda: [0])
-    buffer: int = 1  # the next word to shift; the buffer is empty when buffer > n
-    heads: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    left: list[list[int]] = field(default_factory=list)  # left children, leftmost last
-    right: list[list[int]] = field(default_factory=list)  # right children, rightmost last
-
-    def __post_init__(self) -> None:
-        if not self.heads:
-            self.heads = [-1] * (self.n + 1)
-            self.labels = [NULL] * (self.n + 1)
-            self.left = [[] for _ in range(self.n + 1)]
-            self.right = [[] for _ in range(self.n + 1)]
-
-    @property
-    def terminal(self) -> bool:
-        return len(self.stack) == 1 and self.buffer > self.n
-
-
-def legal_moves(state: ParseState) -> tuple[bool, bool, bool]:
-    """Whether SHIFT, LEFT-ARC and RIGHT-ARC are legal (the single-root rule included)."""
-    depth = len(state.stack)
-    buffer_empty = state.buffer > state.n
-    return (not buffer_empty, depth > 2, depth > 2 or (depth == 2 and buffer_empty))
-
-
-def apply_transition(state: ParseState, transition: int, num_labels: int) -> None:
-    """Apply transition id ``transition``; the caller guarantees it is legal."""
-    stack = state.stack
-    if transition == 0:
-        stack.append(state.buffer)
-        state.buffer += 1
-        return
-    if transition <= num_labels:  # LEFT-ARC: s1 heads s2
-        dependent = stack.pop(-2)
-        head = stack[-1]
-        label = transition - 1
-        # Each new left dependent is the stack element just below the head, so it lies left of
-        # all earlier ones: appending keeps the leftmost child last.
-        state.left[head].append(dependent)
-    else:  # RIGHT-ARC: s2 heads s1
-        dependent = stack.pop()
-        head = stack[-1]
-        label = transition - 1 - num_labels
-        state.right[head].append(dependent)  # right dependents arrive left to right
-    state.heads[dependent] = head
-    state.labels[dependent] = 1 + label
-
-
-def extract_features(state: ParseState, words: Sequence[int], tags: Sequence[int]) -> list[int]:
-    """Chen & Manning (2014)'s 48 features: 18 word ids, 18 tag ids, 12 label ids.
-
-    Positions: s1, s2, s3, b1, b2, b3, then for s = s1, s2: lc1(s), rc1(s), lc2(s), rc2(s),
-    lc1(lc1(s)), rc1(rc1(s)).  ``words``/``tags`` are ids indexed by position (0 = ROOT).
-    """
-    stack, left, right = state.stack, state.left, state.right
-    depth = len(stack)
-    s1 = stack[-1] if depth > 0 else -1
-    s2 = stack[-2] if depth > 1 else -1
-    s3 = stack[-3] if depth > 2 else -1
-    b, n = state.buffer, state.n
-    positions = [
-        s1,
-        s2,
-        s3,
-        b if b <= n else -1,
-        b + 1 if b + 1 <= n else -1,
-        b + 2 if b + 2 <= n else -1,
-    ]
-    children: list[int] = []
-    for s in (s1, s2):
-        if s < 0:
-            children += [-1, -1, -1, -1, -1, -1]
-            continue
-        lefts, rights = left[s], right[s]
-        lc1 = lefts[-1] if lefts else -1
-        rc1 = rights[-1] if rights else -1
-        lc2 = lefts[-2] if len(lefts) > 1 else -1
-        rc2 = rights[-2] if len(rights) > 1 else -1
-        lc1lc1 = left[lc1][-1] if lc1 >= 0 and left[lc1] else -1
-        rc1rc1 = right[rc1][-1] if rc1 >= 0 and right[rc1] else -1
-        children += [lc1, rc1, lc2, rc2, lc1lc1, rc1rc1]
-    positions += children
-    labels = state.labels
-    return (
-        [words[p] if p >= 0 else NULL for p in positions]
-        + [tags[p] if p >= 0 else NULL for p in positions]
-        + [labels[p] if p >= 0 else NULL for p in children]
-    )
-
-
-def oracle_transitions(
-    heads: Sequence[int],
-    label_ids: Sequence[int],
-    num_labels: int,
-    words: Sequence[int] | None = None,
-    tags: Sequence[int] | None = None,
-) -> tuple[list[int], list[list[int]]]:
-    """The static arc-standard oracle: the transitions that build the gold tree (and, if ``words``
-    and ``tags`` are given, the features of every configuration on the way).
-
-    Prefers LEFT-ARC, then RIGHT-ARC once ``s1`` has all its dependents, then SHIFT.  Raises
-    :class:`OracleError` if the gold tree is not derivable (non-projective or not single-rooted).
-    """
-    n = len(heads)
-    gold = [-1, *heads]
-    missing = [0] * (n + 1)  # dependents of each position not yet attached
-    for h in heads:
-        missing[h] += 1
-    state = ParseState(n)
-    transitions: list[int] = []
-    features: list[list[int]] = []
-    while not state.terminal:
-        if words is not None and tags is not None:
-            features.append(extract_features(state, words, tags))
-        stack = state.stack
-        depth = len(stack)
-        if depth > 2 and gold[stack[-2]] == stack[-1]:
-            t = 1 + label_ids[stack[-2] - 1]
-        elif (
-            depth >= 2
-            and gold[stack[-1]] == stack[-2]
-            and missing[stack[-1]] == 0
-            and (stack[-2] != 0 or state.buffer > n)
-        ):
-            t = 1 + num_labels + label_ids[stack[-1] - 1]
-        elif state.buffer <= n:
-            t = 0
-        else:
-            raise OracleError("no transition leads to the gold tree (non-projective tree?)")
-        if t != 0:
-            dependent = stack[-2] if t <= num_labels else stack[-1]
-            missing[gold[dependent]] -= 1
-        apply_transition(state, t, num_labels)
-        transitions.append(t)
-    if state.heads[1:] != list(heads):
-        raise OracleError("the oracle's tree differs from the gold tree (not single-rooted?)")
-    return transitions, features
 
 
 # --- vocabularies and encoding ------------------------------------------------------------------
@@ -503,17 +184,7 @@ def save_treebank(
             parts = [getattr(s, name) for s in sentences]
             arrays[f"{split}/{name}"] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
             arrays[f"{split}/{name}_len"] = np.asarray([len(p) for p in parts], dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_stream(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_treebank(path: Path) -> tuple[Vocab, dict[str, list[EncodedSentence]], dict[str, int]]:

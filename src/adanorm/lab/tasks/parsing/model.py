@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import ConfigError
-from . import data as pd
+from . import transitions as arc_standard
 
 __all__ = ["MLPParser"]
 
@@ -44,9 +44,9 @@ class MLPParser(nn.Module):
         self.tag_embed = nn.Embedding(num_tags, tag_dim)
         self.label_embed = nn.Embedding(num_label_features, label_dim)
         width = (
-            pd.NUM_WORD_FEATURES * word_dim
-            + pd.NUM_TAG_FEATURES * tag_dim
-            + pd.NUM_LABEL_FEATURES * label_dim
+            arc_standard.NUM_WORD_FEATURES * word_dim
+            + arc_standard.NUM_TAG_FEATURES * tag_dim
+            + arc_standard.NUM_LABEL_FEATURES * label_dim
         )
         self.linears = nn.ModuleList()
         self.norms = nn.ModuleList()
@@ -58,8 +58,8 @@ class MLPParser(nn.Module):
         self.output = nn.Linear(width, num_transitions)
 
     def forward(self, features: Tensor) -> Tensor:
-        w_end = pd.NUM_WORD_FEATURES
-        t_end = w_end + pd.NUM_TAG_FEATURES
+        w_end = arc_standard.NUM_WORD_FEATURES
+        t_end = w_end + arc_standard.NUM_TAG_FEATURES
         x = torch.cat(
             [
                 self.word_embed(features[:, :w_end]).flatten(1),

@@ -41,7 +41,9 @@ from ...data import (
 )
 from ...schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
 from ...task import Stats, Task, TensorDataset, cross_entropy_stats, register_task
+from . import conll
 from . import data as pd
+from . import transitions as arc_standard
 from .model import MLPParser
 
 __all__ = ["ParsingTask", "greedy_parse", "attachment_counts", "EWT_FILES"]
@@ -92,7 +94,7 @@ def greedy_parse(
     The UNK label (index 0, never a training target) is never predicted.
     """
     device = next(model.parameters()).device
-    states = [pd.ParseState(len(s)) for s in sentences]
+    states = [arc_standard.ParseState(len(s)) for s in sentences]
     words = [s.words.tolist() for s in sentences]
     tags = [s.tags.tolist() for s in sentences]
     num_transitions = 1 + 2 * num_labels
@@ -101,9 +103,12 @@ def greedy_parse(
     active = [i for i, st in enumerate(states) if not st.terminal]
     while active:
         feats = torch.tensor(
-            [pd.extract_features(states[i], words[i], tags[i]) for i in active], dtype=torch.long
+            [arc_standard.extract_features(states[i], words[i], tags[i]) for i in active],
+            dtype=torch.long,
         )
-        legal = torch.tensor([pd.legal_moves(states[i]) for i in active], dtype=torch.bool)
+        legal = torch.tensor(
+            [arc_standard.legal_moves(states[i]) for i in active], dtype=torch.bool
+        )
         allowed = (
             torch.cat(
                 [
@@ -118,7 +123,7 @@ def greedy_parse(
         scores = model(feats.to(device)).float().cpu()
         best = scores.masked_fill(~allowed, -math.inf).argmax(1).tolist()
         for i, transition in zip(active, best, strict=True):
-            pd.apply_transition(states[i], transition, num_labels)
+            arc_standard.apply_transition(states[i], transition, num_labels)
         active = [i for i in active if not states[i].terminal]
     return [
         (np.asarray(st.heads[1:], dtype=np.int64), np.asarray(st.labels[1:], dtype=np.int64) - 1)
@@ -178,7 +183,7 @@ class ParsingTask(Task):
             "download": Bool(False, "ewt only: fetch missing files (sha256-checked)"),
             "pos_field": Str("auto", "auto = xpos for ewt, postag for ptb",
                              choices=("auto", "upos", "xpos", "cpostag", "postag")),
-            "punct_tags": StrList(list(pd.DEFAULT_PTB_PUNCT_TAGS), "ptb only"),
+            "punct_tags": StrList(list(conll.DEFAULT_PTB_PUNCT_TAGS), "ptb only"),
             "ptb_dir": Str("", '"" = <data root>/ptb', nullable=True),
             "ptb_files": StrMap(
                 {"train": "train.conllx", "valid": "dev.conllx", "test": "test.conllx"},
@@ -288,10 +293,10 @@ class ParsingTask(Task):
                 print(f"parsing: rebuilding the unreadable feature cache ({exc})", file=sys.stderr)
         if loaded is None:
             if self.dataset_name == "ewt":
-                raw = {s: pd.read_conllu(p, pos_field) for s, p in files.items()}
+                raw = {s: conll.read_conllu(p, pos_field) for s, p in files.items()}
             else:
                 punct = self._punct_tags()
-                raw = {s: pd.read_conllx(p, pos_field, punct) for s, p in files.items()}
+                raw = {s: conll.read_conllx(p, pos_field, punct) for s, p in files.items()}
             loaded = pd.featurize_treebank(raw, self._min_word_count, self._lowercase)
             pd.save_treebank(cache_file, *loaded)
         info = loaded[2]
