@@ -19,9 +19,9 @@ from adanorm.lab.config import load_config
 from adanorm.lab.tasks.parsing import conll
 from adanorm.lab.tasks.parsing import data as pd
 from adanorm.lab.tasks.parsing import transitions as arc_standard
+from adanorm.lab.tasks.parsing.data import EWT_FILES
 from adanorm.lab.tasks.parsing.model import MLPParser
 from adanorm.lab.tasks.parsing.task import (
-    EWT_FILES,
     ParsingTask,
     attachment_counts,
     greedy_parse,

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ...data import DataFile, DatasetInfo, register_dataset, require_dataset
+from ...data import require_dataset
 from ...schema import Bool, DropoutRate, Int, Str, TaskSchema
 from ...task import Stats, Task, register_task
 from .data import (
@@ -53,45 +53,10 @@ from .data import (
 )
 from .model import Mems, TransformerXL
 
-__all__ = ["LMTask", "TINY_SHAKESPEARE", "ENWIK8", "TRAIN_MODES"]
+__all__ = ["LMTask", "TRAIN_MODES"]
 
 #: ``data.train_mode``: memory carried along ordered streams, or rebuilt per shuffled window.
 TRAIN_MODES = ("stream", "warmup")
-
-TINY_SHAKESPEARE = register_dataset(
-    DatasetInfo(
-        name="tiny_shakespeare",
-        subdir="tiny_shakespeare",
-        description="Tiny Shakespeare (Karpathy, char-rnn), 1,115,394 characters",
-        homepage="https://github.com/karpathy/char-rnn",
-        files=(
-            DataFile(
-                name="input.txt",
-                sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-                urls=(
-                    "https://raw.githubusercontent.com/karpathy/char-rnn/"
-                    "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
-                ),
-            ),
-        ),
-    )
-)
-
-ENWIK8 = register_dataset(
-    DatasetInfo(
-        name="enwik8",
-        subdir="enwik8",
-        description="enwik8: the first 10^8 bytes of English Wikipedia (Hutter Prize)",
-        homepage="http://mattmahoney.net/dc/textdata.html",
-        files=(
-            DataFile(
-                name="enwik8.zip",  # 36,445,475 bytes
-                sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
-                urls=("http://mattmahoney.net/dc/enwik8.zip",),
-            ),
-        ),
-    )
-)
 
 # Decoding enwik8 takes seconds: keep corpora per (dataset, directory, protocol) for the process.
 _CORPORA: dict[tuple[str, str, str], Corpus] = {}

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from ...checkpoint import atomic_write_stream
+from ...data import DataFile, DatasetInfo, register_dataset
 from .conll import Sentence, is_projective, root_count
 from .transitions import NUM_FEATURES, ROOT, UNK, OracleError, oracle_transitions
 
 __all__ = [
+    "EWT_FILES",
     "EncodedSentence",
     "Vocab",
     "build_vocab",
@@ -32,6 +34,37 @@ __all__ = [
     "cache_key",
     "file_fingerprint",
 ]
+
+# --- the registered treebank ----------------------------------------------------------------
+_EWT_COMMIT = "15d613d8447b3478787d4c278730a1e48a945efb"  # UD_English-EWT, v2.16
+_EWT_RAW = f"https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/{_EWT_COMMIT}/"
+#: split -> (file name, sha256 of that file at _EWT_COMMIT).
+EWT_FILES = {
+    "train": (
+        "en_ewt-ud-train.conllu",
+        "3fb78e2b55482c8ee00caa653af436c88c9e5bc9a73ce26e4ae3ddc79d2b7e7b",
+    ),
+    "valid": (
+        "en_ewt-ud-dev.conllu",
+        "531a54ff90d6ab12201c5a50c3e78e6ddac4de69abc4bce5d275d3cd29efe2b6",
+    ),
+    "test": (
+        "en_ewt-ud-test.conllu",
+        "e266e515a0a7547657ed3d90d9ba46487d6bd251f27ad4269d4e8a427c8555cd",
+    ),
+}
+register_dataset(
+    DatasetInfo(
+        name="ewt",
+        subdir="ud_english_ewt",
+        description="Universal Dependencies English Web Treebank v2.16 (CC BY-SA 4.0), CoNLL-U",
+        homepage="https://universaldependencies.org/treebanks/en_ewt/",
+        files=tuple(
+            DataFile(name=name, sha256=digest, urls=(_EWT_RAW + name,))
+            for name, digest in EWT_FILES.values()
+        ),
+    )
+)
 
 UNK_LABEL = "<unk>"  # label index 0: dev/test labels never seen in training
 

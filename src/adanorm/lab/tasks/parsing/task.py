@@ -2,7 +2,8 @@
 
 The paper's PTB column is "an MLP-based parser, 3 layers" (docs/paper.md §3.5).  Here:
 
-* arc-standard transitions with a static oracle (:mod:`adanorm.lab.tasks.parsing.data`);
+* arc-standard transitions with a static oracle (:mod:`.transitions`; treebanks read by
+  :mod:`.conll`, encoded and cached by :mod:`.data`, the MLP in :mod:`.model`);
 * C&M's 48 features (18 words, 18 POS tags, 12 arc labels over s1..s3, b1..b3 and the leftmost /
   rightmost children of s1 and s2), each embedded and concatenated;
 * **"3 layers" = three weight layers**: ``embeddings -> [Linear -> norm -> ReLU] x 2 -> Linear``,
@@ -31,14 +32,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ...config import ConfigError
-from ...data import (
-    DataFile,
-    DatasetInfo,
-    data_root,
-    register_dataset,
-    require_dataset,
-    user_cache_dir,
-)
+from ...data import data_root, require_dataset, user_cache_dir
 from ...schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
 from ...task import Stats, Task, TensorDataset, cross_entropy_stats, register_task
 from . import conll
@@ -46,38 +40,8 @@ from . import data as pd
 from . import transitions as arc_standard
 from .model import MLPParser
 
-__all__ = ["ParsingTask", "greedy_parse", "attachment_counts", "EWT_FILES"]
+__all__ = ["ParsingTask", "greedy_parse", "attachment_counts"]
 
-# --- datasets -----------------------------------------------------------------------------------
-_EWT_COMMIT = "15d613d8447b3478787d4c278730a1e48a945efb"  # UD_English-EWT, v2.16
-_EWT_RAW = f"https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/{_EWT_COMMIT}/"
-#: split -> (file name, sha256 of that file at _EWT_COMMIT).
-EWT_FILES = {
-    "train": (
-        "en_ewt-ud-train.conllu",
-        "3fb78e2b55482c8ee00caa653af436c88c9e5bc9a73ce26e4ae3ddc79d2b7e7b",
-    ),
-    "valid": (
-        "en_ewt-ud-dev.conllu",
-        "531a54ff90d6ab12201c5a50c3e78e6ddac4de69abc4bce5d275d3cd29efe2b6",
-    ),
-    "test": (
-        "en_ewt-ud-test.conllu",
-        "e266e515a0a7547657ed3d90d9ba46487d6bd251f27ad4269d4e8a427c8555cd",
-    ),
-}
-register_dataset(
-    DatasetInfo(
-        name="ewt",
-        subdir="ud_english_ewt",
-        description="Universal Dependencies English Web Treebank v2.16 (CC BY-SA 4.0), CoNLL-U",
-        homepage="https://universaldependencies.org/treebanks/en_ewt/",
-        files=tuple(
-            DataFile(name=name, sha256=digest, urls=(_EWT_RAW + name,))
-            for name, digest in EWT_FILES.values()
-        ),
-    )
-)
 PUNCT_RULES = {
     "ewt": "punctuation = gold UPOS PUNCT",
     "ptb": "punctuation = gold PTB tag in data.punct_tags",
@@ -246,7 +210,7 @@ class ParsingTask(Task):
             directory = require_dataset(
                 "ewt", self.data_dir, download=bool(d["download"])
             )
-            return {split: directory / name for split, (name, _) in EWT_FILES.items()}
+            return {split: directory / name for split, (name, _) in pd.EWT_FILES.items()}
         directory = Path(d["ptb_dir"] or data_root(self.data_dir) / "ptb").expanduser()
         names = d["ptb_files"]
         files = {}
