@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 import adanorm
 from adanorm.lab.config import ConfigError, load_config
+from adanorm.lab.tasks.mt.batching import batches_by_tokens
 from adanorm.lab.tasks.mt.bleu import Postprocessor, bleu_from_statistics, bleu_statistics
 from adanorm.lab.tasks.mt.model import TransformerMT
 from adanorm.lab.tasks.mt.search import (
@@ -23,7 +24,7 @@ from adanorm.lab.tasks.mt.search import (
     greedy_search,
     sequence_log_prob,
 )
-from adanorm.lab.tasks.mt.task import MTTask, batches_by_tokens
+from adanorm.lab.tasks.mt.task import MTTask
 from adanorm.lab.trainer import Trainer
 
 PAD, BOS, EOS = 0, 1, 2

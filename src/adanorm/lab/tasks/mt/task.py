@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from ...checkpoint import atomic_write_text
 from ...data import data_root, user_cache_dir
 from ...schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
 from ...task import Stats, Task, register_task
+from .batching import TokenBatches, batches_by_tokens
 from .bleu import (
     SACREBLEU_SMOOTH,
     Postprocessor,
@@ -61,64 +62,10 @@ from .data import PreparedCorpus, prepare_corpus, resolve_options
 from .model import TransformerMT
 from .search import SearchConfig, beam_search
 
-__all__ = ["MTTask", "TokenBatches", "batches_by_tokens"]
+__all__ = ["MTTask"]
 
 # Prepared corpora per (recipe config, data root): preparing Multi30k takes a while.
 _CORPORA: dict[tuple[str, str], PreparedCorpus] = {}
-
-
-def batches_by_tokens(
-    src_lengths: Sequence[int],
-    tgt_lengths: Sequence[int],
-    max_tokens: int,
-    *,
-    max_sentences: int = 0,
-    order: Sequence[int] | None = None,
-) -> list[list[int]]:
-    """Cut sentences into batches of at most ``max_tokens`` padded tokens.
-
-    Sentences are taken in ``order`` (default: sorted by target then source length, so that a
-    batch holds sentences of similar length and little padding), and a batch closes when one more
-    sentence would make ``sentences * max(longest source, longest target)`` exceed
-    ``max_tokens``, or reach ``max_sentences`` (> 0).  A single sentence longer than
-    ``max_tokens`` is an error: it could never be trained on.
-    """
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-    if order is None:
-        order = sorted(range(len(src_lengths)), key=lambda i: (tgt_lengths[i], src_lengths[i]))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for index in order:
-        size = max(src_lengths[index], tgt_lengths[index])
-        if size > max_tokens:
-            raise ValueError(
-                f"sentence {index} has {size} tokens (with eos), more than data.max_tokens="
-                f"{max_tokens}; raise max_tokens or lower data.max_len"
-            )
-        full = max_sentences > 0 and len(current) >= max_sentences
-        if current and ((len(current) + 1) * max(longest, size) > max_tokens or full):
-            batches.append(current)
-            current, longest = [], 0
-        current.append(index)
-        longest = max(longest, size)
-    if current:
-        batches.append(current)
-    return batches
-
-
-class TokenBatches(Dataset):
-    """A list of sentence-index batches: item ``i`` is the ``i``-th batch (a list of indices)."""
-
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> list[int]:
-        return self.batches[index]
 
 
 @register_task("mt")
