@@ -41,7 +41,7 @@ lane_divergence() {
         run="$out/multi30k/$label/seed$seed"
         [ -f "$run/results.json" ] && continue
         grep -qs "non-finite training loss" "$run/train.log" && continue
-        seeds+="${seeds:+,}$seed"
+        seeds+="$seed,"  # a list even for one seed ("3" alone would mean seeds 1-3)
       done
       [ -n "$seeds" ] || continue
       $ad sweep mt --preset diverge --datasets multi30k --norms "$norm" "${scales[@]}" \

@@ -23,4 +23,4 @@ find "$OUT" -name results.json | while read -r f; do
   cp "$run"/{results.json,metrics.jsonl,config.yaml,run.json} "$dest"/
 done
 adanorm report results/lm/runs --out results/lm
-python -m adanorm.lab.tasks.lm_plots "$OUT" results/lm/figure1_bpc.png
+python -m adanorm.lab.tasks.lm.plots "$OUT" results/lm/figure1_bpc.png

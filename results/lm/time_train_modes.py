@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import torch
 
 from adanorm.lab.config import load_config
-from adanorm.lab.tasks.lm import TRAIN_MODES, LMTask
-from adanorm.lab.trainer import GlobalBatchSampler
+from adanorm.lab.samplers import GlobalBatchSampler
+from adanorm.lab.tasks.lm.task import TRAIN_MODES, LMTask
 
 MODES = TRAIN_MODES  # ("stream", "warmup")
 
@@ -43,7 +43,7 @@ def update_seconds(
     task.begin_train_epoch(0, 0)
     for indices in sampler:
         started, cpu_started = time.perf_counter(), time.process_time()
-        batch = task.collate(train.__getitems__(indices))
+        batch = task.collate(train.__getitems__(indices), "train")
         loss, _ = task.loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o["clip_norm"])

@@ -13,7 +13,7 @@ done
 
 # The engine's table / CSV / all-norm loss curves, and figure 2 (AdaNorm vs LayerNorm).
 adanorm report runs/sweep-parsing --out results/parsing
-python -m adanorm.lab.tasks.parsing_plots runs/sweep-parsing \
+python -m adanorm.lab.tasks.parsing.plots runs/sweep-parsing \
   results/parsing/figure2_loss_adanorm_vs_layernorm.png --dataset ewt
 
 # The small per-run files (no checkpoints) are copied next to the report.
@@ -26,7 +26,7 @@ done
 # The longer LayerNorm / AdaNorm pair (6 epochs, seed 1) for the figure-2 question.
 adanorm sweep parsing --preset cpu --set train.max_epochs=6 --norms layernorm,adanorm --seeds 1 \
   --datasets ewt --data-dir /work/shared/data --out runs/long-parsing --threads 1 --no-report
-python -m adanorm.lab.tasks.parsing_plots runs/long-parsing \
+python -m adanorm.lab.tasks.parsing.plots runs/long-parsing \
   results/parsing/figure2_long_6epochs_seed1.png --dataset ewt
 # (its run files are copied to results/parsing/runs/long_6epochs/<norm>/seed1 the same way)
 

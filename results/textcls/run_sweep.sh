@@ -13,4 +13,4 @@ for seeds in 1 1,2 1,2,3; do
 done
 # choose C on validation, copy the run files, write the reports (not `adanorm report "$OUT"`,
 # which would put both C in report.md)
-python -m adanorm.lab.tasks.textcls_select "$OUT" results/textcls
+python -m adanorm.lab.select "$OUT" results/textcls

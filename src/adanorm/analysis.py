@@ -101,7 +101,6 @@ class GradientStatsRecorder:
             raise ValueError("the model has no norm layer to observe")
         self.every = every
         self.prefix = prefix
-        self.depth = {name: depth for depth, (name, _) in enumerate(self.layers)}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # A layer may run several times per step; backward meets those calls in reverse order.
         self._sigma: dict[str, list[Tensor]] = {}

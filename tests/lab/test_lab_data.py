@@ -153,7 +153,7 @@ def test_gunzip_checksum_accepts_any_gzip_of_the_same_content(server, tmp_path: 
 def test_real_mnist_verifies_and_has_the_papers_splits() -> None:
     from lab_helpers import smoke_cfg
 
-    from adanorm.lab.tasks.mnist import MnistTask
+    from adanorm.lab.tasks.vision.mnist import MnistTask
 
     require_dataset("mnist", mnist_dir())
     cfg = smoke_cfg("data.max_examples=0", task="mnist")

@@ -16,7 +16,7 @@ from lab_helpers import read_jsonl, train
 
 from adanorm.lab import cli
 from adanorm.lab.config import load_config
-from adanorm.lab.tasks.digits import DigitsTask
+from adanorm.lab.tasks.vision.digits import DigitsTask
 from adanorm.lab.trainer import LAST, METRICS, RESULTS
 
 SMOKE = ["--preset", "smoke", "--no-progress"]
@@ -162,7 +162,7 @@ def test_out_of_memory_in_training_names_the_value_to_lower(
 def test_out_of_memory_in_evaluation_names_the_evaluation_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def cuda_oom(self, model, batch):
+    def cuda_oom(self, model, batch, split):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(DigitsTask, "eval_batch_stats", cuda_oom)
@@ -192,7 +192,7 @@ def test_a_corrupted_parsing_cache_is_rebuilt(
 ) -> None:
     from test_parsing import _write_synthetic_ptb
 
-    from adanorm.lab.tasks import parsing as parsing_module
+    from adanorm.lab.tasks.parsing import task as parsing_module
 
     _write_synthetic_ptb(tmp_path / "ptb")
     cfg = load_config("parsing", "smoke", [
@@ -223,7 +223,7 @@ def test_a_corrupted_parsing_cache_is_rebuilt(
     assert vocab2.words == vocab.words and info2 == info
     for a, b in zip(splits["train"], splits2["train"], strict=True):
         np.testing.assert_array_equal(a.features, b.features)
-    from adanorm.lab.tasks.parsing_data import load_treebank
+    from adanorm.lab.tasks.parsing.data import load_treebank
 
     assert load_treebank(cache_file)[2] == info  # the rebuilt file is whole again
 

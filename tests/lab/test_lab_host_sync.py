@@ -77,7 +77,7 @@ def test_micro_steps_never_wait_for_the_device(
     if task in ("mt", "parsing"):
         overrides.append(f"data.cache_dir={tmp_path / 'cache'}")
     if task == "parsing":  # keep the process-level treebank cache as other tests expect it
-        from adanorm.lab.tasks import parsing as parsing_module
+        from adanorm.lab.tasks.parsing import task as parsing_module
 
         monkeypatch.setattr(parsing_module, "_TREEBANKS", {})
     cfg = load_config(task, "smoke", overrides)
@@ -106,7 +106,7 @@ def test_device_sums_equal_python_float_sums_bit_for_bit() -> None:
 def test_a_non_finite_loss_is_reported_with_its_step_and_nothing_is_saved_past_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from adanorm.lab.tasks.digits import DigitsTask
+    from adanorm.lab.tasks.vision.digits import DigitsTask
 
     original = DigitsTask.loss
     seen = [0]

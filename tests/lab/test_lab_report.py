@@ -403,7 +403,8 @@ def test_keys_that_cannot_matter_do_not_split_a_column(tmp_path: Path) -> None:
         ({"train.average_checkpoints": 5}, "cpu", "train.average_checkpoints=5"),
         ({"data.max_examples": 100}, "cpu", "data.max_examples=100"),
         ({"train.eval_every": "epoch"}, "cpu", "train.eval_every=epoch"),
-        ({"data.protocol": "cv10"}, "cpu", "data.protocol=cv10"),  # a task key the base lacks
+        # a task key the base lacks (cv10 runs always name their fold, a replicate key)
+        ({"data.protocol": "cv10", "data.cv_fold": 0}, "cpu", "data.protocol=cv10"),
         ({}, "cuda:1", "device=cuda"),  # the device actually used (run.json), not train.device
         ({}, None, "device=(absent)"),  # no run.json: unknown device, not assumed equal
     ],
@@ -563,7 +564,7 @@ def test_a_missing_directory_is_one_line_with_exit_status_2(tmp_path: Path) -> N
 
 
 def test_textcls_select_regenerates_its_reports_in_place(tmp_path: Path) -> None:
-    from adanorm.lab.tasks.textcls_select import select_and_report
+    from adanorm.lab.select import select_and_report
 
     runs = tmp_path / "runs"
     for seed, acc in ((1, 73.0), (2, 74.0)):
@@ -599,10 +600,10 @@ REGENERATE = {  # results directory -> the command its README gives
     "lm": "adanorm report results/lm/runs --out results/lm",
     "mt": "adanorm report results/mt/runs --out results/mt",
     "parsing": "adanorm report results/parsing/runs --out results/parsing",
-    "textcls": "python -m adanorm.lab.tasks.textcls_select results/textcls/runs results/textcls",
-    "converge/mnist": "python -m adanorm.lab.tasks.textcls_select results/converge/mnist/runs "
+    "textcls": "python -m adanorm.lab.select results/textcls/runs results/textcls",
+    "converge/mnist": "python -m adanorm.lab.select results/converge/mnist/runs "
     "results/converge/mnist",
-    "converge/sst5": "python -m adanorm.lab.tasks.textcls_select results/converge/sst5/runs "
+    "converge/sst5": "python -m adanorm.lab.select results/converge/sst5/runs "
     "results/converge/sst5",
 }
 # Columns whose tables choose AdaNorm's C on validation (textcls_select writes three tables).
@@ -621,7 +622,7 @@ def test_committed_tables_regenerate_from_the_committed_runs(name: str, tmp_path
     )
     assert REGENERATE[name] in readme_path.read_text(), f"{readme_path} lacks {REGENERATE[name]!r}"
     if name in SELECTED:
-        from adanorm.lab.tasks.textcls_select import select_and_report
+        from adanorm.lab.select import select_and_report
 
         copy = tmp_path / "runs"
         shutil.copytree(results / "runs", copy)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from lab_helpers import needs_mnist, read_jsonl, smoke_cfg, train
 
-from adanorm.lab.trainer import BEST, LAST, GlobalBatchSampler, RunDirError, Trainer
+from adanorm.lab.samplers import GlobalBatchSampler
+from adanorm.lab.trainer import BEST, LAST, RunDirError, Trainer
 
 
 def test_same_seed_same_metrics_and_other_seed_differs(tmp_path: Path) -> None:

@@ -26,8 +26,7 @@ import adanorm
 from adanorm.lab.config import load_config
 from adanorm.lab.data import ChecksumError, DataMissingError, require_dataset
 from adanorm.lab.task import get_task, register_task
-from adanorm.lab.tasks.lm import LMTask
-from adanorm.lab.tasks.lm_data import (
+from adanorm.lab.tasks.lm.data import (
     Corpus,
     EvalStreams,
     SegmentWindows,
@@ -35,7 +34,8 @@ from adanorm.lab.tasks.lm_data import (
     enwik8_corpus,
     read_enwik8_zip,
 )
-from adanorm.lab.tasks.lm_model import TransformerXL, attention_mask, rel_shift
+from adanorm.lab.tasks.lm.model import TransformerXL, attention_mask, rel_shift
+from adanorm.lab.tasks.lm.task import LMTask
 from adanorm.lab.trainer import LAST, Trainer
 
 REAL_DATA = os.environ.get("ADANORM_DATA")
@@ -288,7 +288,7 @@ def test_training_loss_uses_memory_of_the_preceding_segment() -> None:
     """With memory covering the warm-up, the loss equals that of one pass over the window."""
     task = SyntheticLM(synthetic_cfg("data.train_mode=warmup"))
     model = task.build_model().eval()
-    batch = task.collate(task.dataset("train").__getitems__([0, 3, 5]))
+    batch = task.collate(task.dataset("train").__getitems__([0, 3, 5]), "train")
     assert batch.shape == (3, 2 * task.tgt_len + 1)
     loss, stats = task.loss(model, batch)
     logits, _ = model(batch[:, :-1], mem_len=0)
@@ -304,9 +304,9 @@ def test_evaluate_carries_memory_across_segments() -> None:
                                      "model.eval_same_length=false", "model.eval_tgt_len=7"))
     model = task.build_model().eval()
     valid = task.dataset("valid")
-    streams = task.collate(valid.__getitems__(list(range(len(valid)))))
+    streams = task.collate(valid.__getitems__(list(range(len(valid)))), "valid")
     metrics = task.evaluate(model, [streams[:2], streams[2:]], lambda s: s,
-                            contextlib.nullcontext)
+                            contextlib.nullcontext, "valid")
     with torch.no_grad():
         logits, _ = model(streams[:, :-1], mem_len=0)
     nats = nn.functional.cross_entropy(logits.reshape(-1, 96), streams[:, 1:].reshape(-1))
@@ -341,7 +341,8 @@ def test_real_tiny_shakespeare_smoke_preset(tmp_path: Path) -> None:
 
 
 def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
-    from adanorm.lab.tasks.lm_plots import bpc_curves, plot_bpc_figure
+    from adanorm.lab.plots import curves_at_common_steps
+    from adanorm.lab.tasks.lm.plots import plot_bpc_figure
 
     for norm, offset in (("layernorm", 0.0), ("layernorm-simple", 0.1)):
         for seed in (1, 2):
@@ -354,7 +355,7 @@ def test_figure1_plot_reads_a_sweep_directory(tmp_path: Path) -> None:
                         fh.write(json.dumps({"split": split, "step": step, "bpc": bpc}) + "\n")
     runs = [[{"split": "train", "step": 1, "bpc": 2.0}, {"split": "train", "step": 2, "bpc": 1.0}],
             [{"split": "train", "step": 2, "bpc": 3.0}]]
-    assert bpc_curves(runs, "train") == ([2], [[1.0], [3.0]])
+    assert curves_at_common_steps(runs, "train", "bpc") == ([2], [[1.0], [3.0]])
     out = plot_bpc_figure(tmp_path / "sweep", tmp_path / "fig.png")
     assert out.stat().st_size > 1000
     with pytest.raises(ValueError, match="no runs"):

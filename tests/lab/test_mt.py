@@ -14,16 +14,17 @@ from torch import nn
 from torch.nn import functional as F
 
 import adanorm
-from adanorm.lab.config import load_config
-from adanorm.lab.tasks.mt import MTTask, batches_by_tokens
-from adanorm.lab.tasks.mt_data import Postprocessor, bleu_from_statistics, bleu_statistics
-from adanorm.lab.tasks.mt_model import TransformerMT
-from adanorm.lab.tasks.mt_search import (
+from adanorm.lab.config import ConfigError, load_config
+from adanorm.lab.tasks.mt.batching import batches_by_tokens
+from adanorm.lab.tasks.mt.bleu import Postprocessor, bleu_from_statistics, bleu_statistics
+from adanorm.lab.tasks.mt.model import TransformerMT
+from adanorm.lab.tasks.mt.search import (
     SearchConfig,
     beam_search,
     greedy_search,
     sequence_log_prob,
 )
+from adanorm.lab.tasks.mt.task import MTTask
 from adanorm.lab.trainer import Trainer
 
 PAD, BOS, EOS = 0, 1, 2
@@ -276,3 +277,36 @@ def test_bleu_of_the_references_is_100(tmp_path: Path) -> None:
     exact = [r == ref for r, ref, t in zip(restored, test.ref_tok, test.tgt, strict=False)
              if unk not in t.tolist()]
     assert exact and all(exact)
+
+
+def test_batch_size_keys_are_refused_with_the_token_keys_named() -> None:
+    """Translation batches by tokens: data.batch_size (examples per micro-step everywhere else)
+    is refused in one line that names its replacement, not silently given another meaning."""
+    for key, replacement in (("data.batch_size=2", "data.max_tokens"),
+                             ("data.eval_batch_size=2", "data.eval_max_tokens")):
+        with pytest.raises(ConfigError, match=rf"{key.split('=')[0]} is not a key of task "
+                                               rf"'mt': .*{replacement}") as caught:
+            load_config("mt", "smoke", [key])
+        assert "\n" not in str(caught.value)
+    cfg = load_config("mt", "smoke")
+    assert "batch_size" not in cfg["data"] and "eval_batch_size" not in cfg["data"]
+
+
+@needs_multi30k
+def test_collate_and_evaluation_are_told_the_split(tmp_path: Path) -> None:
+    """A batch is plain sentence indices (no split marker, no decode flag); the test split, and
+    only it, is decoded and scored with BLEU."""
+    cfg = load_config("mt", "smoke", [f"data.cache_dir={tmp_path}"])
+    task = MTTask(cfg, _multi30k_root())
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    for split in ("valid", "test"):
+        dataset = task.dataset(split)
+        size = len(task.corpus().splits[split])
+        assert all(0 <= i < size for i in dataset[0])
+        batch = task.collate([dataset[0]], split)
+        assert set(batch) == {"src", "prev", "target", "index", "target_tokens", "src_tokens"}
+        assert batch["index"].tolist() == dataset[0]
+        with torch.no_grad():
+            stats = task.eval_batch_stats(model, batch, split)
+        assert ("tok_sys_len" in stats) == (split == "test")

@@ -16,14 +16,17 @@ import torch
 from lab_helpers import read_jsonl
 
 from adanorm.lab.config import load_config
-from adanorm.lab.tasks import parsing_data as pd
-from adanorm.lab.tasks.parsing import (
-    EWT_FILES,
-    MLPParser,
+from adanorm.lab.tasks.parsing import conll
+from adanorm.lab.tasks.parsing import data as pd
+from adanorm.lab.tasks.parsing import transitions as arc_standard
+from adanorm.lab.tasks.parsing.data import EWT_FILES
+from adanorm.lab.tasks.parsing.model import MLPParser
+from adanorm.lab.tasks.parsing.task import (
     ParsingTask,
     attachment_counts,
     greedy_parse,
 )
+from adanorm.lab.tasks.parsing.transitions import NULL, ROOT
 from adanorm.lab.trainer import Trainer
 
 CONLLU = """# sent_id = s1
@@ -67,16 +70,16 @@ NON_PROJECTIVE = [3, 4, 0, 3]  # arcs 1<-3 and 2<-4 cross
 def test_conllu_reader_skips_multiword_tokens_and_empty_nodes(tmp_path: Path) -> None:
     path = tmp_path / "x.conllu"
     path.write_text(CONLLU, encoding="utf-8")
-    first, second = pd.read_conllu(path, "xpos")
+    first, second = conll.read_conllu(path, "xpos")
     assert first.forms == ["Do", "n't", "stop", "."]
     assert first.heads == [3, 3, 0, 3]
     assert first.tags == ["VBP", "RB", "VB", "."]
     assert first.deprels == ["aux", "advmod", "root", "punct"]
     assert first.punct == [False, False, False, True]
     assert second.forms == ["Hi", "!"] and second.punct == [False, True]
-    assert pd.read_conllu(path, "upos")[0].tags == ["AUX", "PART", "VERB", "PUNCT"]
+    assert conll.read_conllu(path, "upos")[0].tags == ["AUX", "PART", "VERB", "PUNCT"]
     with pytest.raises(ValueError, match="pos_field"):
-        pd.read_conllu(path, "lemma")
+        conll.read_conllu(path, "lemma")
 
 
 def test_conllx_reader_and_configurable_punctuation_tags(tmp_path: Path) -> None:
@@ -90,27 +93,27 @@ def test_conllx_reader_and_configurable_punctuation_tags(tmp_path: Path) -> None
     ]
     path = tmp_path / "x.conllx"
     path.write_text("\n".join(rows) + "\n\n", encoding="utf-8")
-    (sent,) = pd.read_conllx(path)
+    (sent,) = conll.read_conllx(path)
     assert sent.heads == [2, 0, 2, 2, 2, 2]
     # The default PTB set is `` '' , . : : -LRB- is not punctuation under it.
     assert sent.punct == [False, False, True, True, False, False]
-    (custom,) = pd.read_conllx(path, punct_tags=[",", "-LRB-"])
+    (custom,) = conll.read_conllx(path, punct_tags=[",", "-LRB-"])
     assert custom.punct == [False, False, True, False, False, True]
     bad = tmp_path / "bad.conllx"
     bad.write_text("1\tHe\the\tPRP\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="expected 10 tab-separated"):
-        pd.read_conllx(bad)
+        conll.read_conllx(bad)
     bad.write_text("1\tHe\t_\tPRP\tPRP\t_\t7\tnsubj\t_\t_\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match="head 7"):
-        pd.read_conllx(bad)
+        conll.read_conllx(bad)
 
 
 # --- transition system and oracle ---------------------------------------------------------------
 def test_projectivity_check() -> None:
-    assert pd.is_projective([2, 0, 2])
-    assert not pd.is_projective(NON_PROJECTIVE)
+    assert conll.is_projective([2, 0, 2])
+    assert not conll.is_projective(NON_PROJECTIVE)
     # Crossing the arc from ROOT: word 2 is the root, word 1 attaches to word 3 over it.
-    assert not pd.is_projective([3, 0, 2])
+    assert not conll.is_projective([3, 0, 2])
 
 
 def test_oracle_derives_every_projective_tree_and_refuses_non_projective() -> None:
@@ -119,42 +122,42 @@ def test_oracle_derives_every_projective_tree_and_refuses_non_projective() -> No
     for _ in range(300):
         n = rng.randint(1, 25)
         heads = _random_projective_heads(n, rng)
-        assert pd.is_projective(heads) and pd.root_count(heads) == 1
+        assert conll.is_projective(heads) and conll.root_count(heads) == 1
         labels = [rng.randrange(num_labels) for _ in range(n)]
-        transitions, _ = pd.oracle_transitions(heads, labels, num_labels)
+        transitions, _ = arc_standard.oracle_transitions(heads, labels, num_labels)
         assert len(transitions) == 2 * n
-        state = pd.ParseState(n)
+        state = arc_standard.ParseState(n)
         for t in transitions:
-            shift, left, right = pd.legal_moves(state)
+            shift, left, right = arc_standard.legal_moves(state)
             assert (shift, left, right)[0 if t == 0 else 1 if t <= num_labels else 2]
-            pd.apply_transition(state, t, num_labels)
+            arc_standard.apply_transition(state, t, num_labels)
         assert state.terminal and state.heads[1:] == heads
         assert [lab - 1 for lab in state.labels[1:]] == labels
-    with pytest.raises(pd.OracleError):
-        pd.oracle_transitions(NON_PROJECTIVE, [0, 0, 0, 0], 1)
-    with pytest.raises(pd.OracleError):
-        pd.oracle_transitions([0, 0], [0, 0], 1)  # two roots
+    with pytest.raises(arc_standard.OracleError):
+        arc_standard.oracle_transitions(NON_PROJECTIVE, [0, 0, 0, 0], 1)
+    with pytest.raises(arc_standard.OracleError):
+        arc_standard.oracle_transitions([0, 0], [0, 0], 1)  # two roots
 
 
 def test_chen_manning_features_positions() -> None:
     # "a b c": gold heads 2 <- 1 and 2 <- 3, ROOT <- 2.  Word id = 10 + position, tag id = 20 +.
-    words, tags = [pd.ROOT, 11, 12, 13], [pd.ROOT, 21, 22, 23]
-    state = pd.ParseState(3)
-    feats = pd.extract_features(state, words, tags)
-    assert len(feats) == pd.NUM_FEATURES == 48
-    assert feats[:6] == [pd.ROOT, pd.NULL, pd.NULL, 11, 12, 13]  # s1 = ROOT, b1..b3
+    words, tags = [ROOT, 11, 12, 13], [ROOT, 21, 22, 23]
+    state = arc_standard.ParseState(3)
+    feats = arc_standard.extract_features(state, words, tags)
+    assert len(feats) == arc_standard.NUM_FEATURES == 48
+    assert feats[:6] == [ROOT, NULL, NULL, 11, 12, 13]  # s1 = ROOT, b1..b3
     L = 2  # two labels: LEFT(l) = 1 + l, RIGHT(l) = 3 + l
     for t in (0, 0, 1 + 1):  # SHIFT a, SHIFT b, LEFT-ARC label 1: b heads a
-        pd.apply_transition(state, t, L)
-    pd.apply_transition(state, 0, L)  # SHIFT c
-    feats = pd.extract_features(state, words, tags)
+        arc_standard.apply_transition(state, t, L)
+    arc_standard.apply_transition(state, 0, L)  # SHIFT c
+    feats = arc_standard.extract_features(state, words, tags)
     words_f, tags_f, labels_f = feats[:18], feats[18:36], feats[36:]
-    assert words_f[:6] == [13, 12, pd.ROOT, pd.NULL, pd.NULL, pd.NULL]  # s1=c, s2=b, s3=ROOT
-    assert words_f[6:12] == [pd.NULL] * 6  # c has no children
+    assert words_f[:6] == [13, 12, ROOT, NULL, NULL, NULL]  # s1=c, s2=b, s3=ROOT
+    assert words_f[6:12] == [NULL] * 6  # c has no children
     # Children of s2 = b: lc1 = a, rc1 none, lc2 none, rc2 none, lc1(lc1) none, rc1(rc1) none.
-    assert words_f[12:18] == [11, pd.NULL, pd.NULL, pd.NULL, pd.NULL, pd.NULL]
+    assert words_f[12:18] == [11, NULL, NULL, NULL, NULL, NULL]
     assert tags_f[12] == 21
-    assert labels_f[6] == 1 + 1 and labels_f[:6] == [pd.NULL] * 6
+    assert labels_f[6] == 1 + 1 and labels_f[:6] == [NULL] * 6
 
 
 # --- decoding and scoring -----------------------------------------------------------------------
@@ -164,7 +167,7 @@ def _encoded(n_sentences: int, seed: int, vocab_size: int = 30) -> list[pd.Encod
     for i in range(n_sentences):
         n = 1 + (i % 17)
         heads = NON_PROJECTIVE if i == 3 else _random_projective_heads(n, rng)
-        sent = pd.Sentence(
+        sent = conll.Sentence(
             forms=[f"w{rng.randrange(vocab_size)}" for _ in heads],
             tags=[f"T{rng.randrange(5)}" for _ in heads],
             heads=heads,
@@ -204,7 +207,7 @@ def test_greedy_parse_gives_a_projective_tree_for_every_sentence_and_batching_is
         sentences, batched, one_by_one, strict=True
     ):
         assert len(heads) == len(sent)
-        assert pd.root_count(heads.tolist()) == 1 and pd.is_projective(heads.tolist())
+        assert conll.root_count(heads.tolist()) == 1 and conll.is_projective(heads.tolist())
         assert labels.min() >= 1  # the UNK label is never predicted
         np.testing.assert_array_equal(heads, heads1)
         np.testing.assert_array_equal(labels, labels1)
@@ -276,7 +279,7 @@ def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
     assert {r["split"] for r in records} == {"train", "valid", "test"}
     assert all(np.isfinite(r["loss"]) for r in records)
     # The cache file is reused (and equal) by a fresh task in a fresh process-level cache.
-    from adanorm.lab.tasks import parsing as parsing_module
+    from adanorm.lab.tasks.parsing import task as parsing_module
 
     (cache_file,) = (tmp_path / "cache").glob("ptb-*.npz")
     first = parsing_module._TREEBANKS.copy()
@@ -292,7 +295,7 @@ def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
         parsing_module._TREEBANKS.update(first)
     assert cache_file.exists()
     # The figure-2 plot (AdaNorm vs LayerNorm losses) reads the finished run.
-    from adanorm.lab.tasks.parsing_plots import plot_figure2
+    from adanorm.lab.tasks.parsing.plots import plot_figure2
 
     png = plot_figure2(tmp_path, tmp_path / "figure2.png", dataset="ptb")
     assert png.stat().st_size > 1000
@@ -318,7 +321,8 @@ def test_training_beats_the_untrained_parser_by_far(tmp_path: Path) -> None:
     task = ParsingTask(cfg)
     torch.manual_seed(0)
     untrained = task.evaluate(
-        task.build_model().eval(), [task.dataset("test").sentences], lambda s: s, nullcontext
+        task.build_model().eval(), [task.dataset("test").sentences], lambda s: s, nullcontext,
+        "test",
     )
     results = Trainer(cfg, tmp_path / "run", argv=["test"]).fit()
     trained = results["test"]
@@ -359,16 +363,17 @@ def test_real_ewt_dev_and_test_word_counts_and_oracle() -> None:
     root = _ewt_root()
     assert root is not None
     for split, sentences, words in (("valid", 2001, 25147), ("test", 2077, 25094)):
-        parsed = pd.read_conllu(root / "ud_english_ewt" / EWT_FILES[split][0])
+        parsed = conll.read_conllu(root / "ud_english_ewt" / EWT_FILES[split][0])
         assert len(parsed) == sentences  # SOURCE.md's split sizes
         assert sum(len(s) for s in parsed) == words  # multiword tokens and empty nodes skipped
-        assert all(pd.root_count(s.heads) == 1 for s in parsed)
-        derivable = [s for s in parsed if pd.is_projective(s.heads)]
+        assert all(conll.root_count(s.heads) == 1 for s in parsed)
+        derivable = [s for s in parsed if conll.is_projective(s.heads)]
         assert len(parsed) - len(derivable) < 0.03 * len(parsed)
         vocab = pd.build_vocab(parsed, 1, True)
         for s in derivable[:200]:
             labels = [vocab.label_index(d) for d in s.deprels]
-            pd.oracle_transitions(s.heads, labels, vocab.num_labels)  # raises if not derivable
+            # raises if not derivable
+            arc_standard.oracle_transitions(s.heads, labels, vocab.num_labels)
 
 
 @needs_ewt

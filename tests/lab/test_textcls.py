@@ -19,12 +19,10 @@ from lab_helpers import read_jsonl  # noqa: E402
 
 import adanorm  # noqa: E402
 from adanorm.lab.config import ConfigError, load_config  # noqa: E402
-from adanorm.lab.tasks import textcls  # noqa: E402
-from adanorm.lab.tasks.textcls import (  # noqa: E402
+from adanorm.lab.tasks.textcls import task as textcls  # noqa: E402
+from adanorm.lab.tasks.textcls.data import (  # noqa: E402
     PAD_ID,
     UNK_ID,
-    TextClassificationTask,
-    TextTransformer,
     Vocabulary,
     cv_split,
     read_rt,
@@ -32,6 +30,8 @@ from adanorm.lab.tasks.textcls import (  # noqa: E402
     stratified_folds,
     stratified_split,
 )
+from adanorm.lab.tasks.textcls.model import SelfAttention, TextTransformer  # noqa: E402
+from adanorm.lab.tasks.textcls.task import TextClassificationTask  # noqa: E402
 from adanorm.lab.trainer import Trainer  # noqa: E402
 
 
@@ -162,7 +162,7 @@ def test_vocabulary_comes_from_train_only_and_collate_trims_padding(synthetic_da
     assert "neverseen" not in task.vocabulary.index
     ids, labels = task.dataset("test")[:]
     assert ids[-1, 1] == UNK_ID and ids.shape[1] == 32  # stored at model.max_len
-    batch_ids, batch_labels = task.collate(task.dataset("test").__getitems__([0, 1, 2]))
+    batch_ids, batch_labels = task.collate(task.dataset("test").__getitems__([0, 1, 2]), "test")
     lengths = (batch_ids != PAD_ID).sum(1)
     assert batch_ids.shape[1] == int(lengths.max()) and torch.equal(batch_labels, labels[:3])
 
@@ -203,7 +203,7 @@ def test_task_model_uses_the_configured_norm(synthetic_data: None) -> None:
 
 def test_self_attention_equals_torch_multihead_attention() -> None:
     torch.manual_seed(0)
-    ours = textcls.SelfAttention(16, 4, dropout=0.0)
+    ours = SelfAttention(16, 4, dropout=0.0)
     reference = torch.nn.MultiheadAttention(16, 4, batch_first=True)
     with torch.no_grad():
         reference.in_proj_weight.copy_(ours.in_proj.weight)
@@ -319,7 +319,7 @@ def _fake_run(dataset: str, norm: str, scale: float | None, seed: int, valid: fl
 
 
 def test_adanorm_scale_is_chosen_on_mean_validation_not_test() -> None:
-    from adanorm.lab.tasks.textcls_select import choose_scales
+    from adanorm.lab.select import choose_scales
 
     runs = [
         _fake_run("rt", "adanorm", 1.0, 1, 70.0, 90.0),

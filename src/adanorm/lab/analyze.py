@@ -398,25 +398,10 @@ def plot_curves(runs: list[VariantRun], out: Path, stem: str, title: str) -> Pat
         color = colors(labels.index(run.label) % 10)
         label = run.label if run.label not in seen else None
         seen.add(run.label)
-        if run.train:
-            ax_train.plot(
-                [r["step"] for r in run.train],
-                [r["loss"] for r in run.train],
-                color=color,
-                lw=1,
-                alpha=0.8,
-                label=label,
-            )
-        if run.valid:
-            ax_valid.plot(
-                [r["step"] for r in run.valid],
-                [r["loss"] for r in run.valid],
-                color=color,
-                lw=1,
-                alpha=0.8,
-                marker=".",
-                label=label,
-            )
+        for ax, records, marker in ((ax_train, run.train, None), (ax_valid, run.valid, ".")):
+            if records:
+                ax.plot([r["step"] for r in records], [r["loss"] for r in records], color=color,
+                        lw=1, alpha=0.8, marker=marker, label=label)
     ax_train.set_title("train loss")
     ax_valid.set_title("valid loss")
     for ax in (ax_train, ax_valid):

@@ -379,9 +379,16 @@ def resolve(raw: Mapping[str, Any], overrides: Iterable[str] = ()) -> dict[str, 
             )
     task_fields = {"data": schema.data, "model": schema.model, "generation": schema.generation}
     out: dict[str, Any] = {}
+    for dotted, reason in schema.refused.items():
+        section, _, name = dotted.partition(".")
+        if isinstance(cfg.get(section), Mapping) and name in cfg[section]:
+            raise ConfigError(f"{dotted} is not a key of task {cfg.get('task')!r}: {reason}")
     for key, spec in ENGINE_SCHEMA.items():
         if isinstance(spec, dict):
             fields = {**spec, **task_fields.get(key, {})}
+            for dotted in schema.refused:
+                if dotted.partition(".")[0] == key:
+                    fields.pop(dotted.partition(".")[2], None)
             out[key] = check_section(key, fields, cfg.get(key, {}))
         else:
             out[key] = spec.check(key, cfg[key]) if key in cfg else copy.deepcopy(spec.default)

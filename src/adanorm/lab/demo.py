@@ -1,6 +1,6 @@
 """``adanorm demo``: the five norms of the paper on real data that ships with scikit-learn.
 
-Trains the digits task (:mod:`adanorm.lab.tasks.digits`) with LayerNorm, LayerNorm-simple,
+Trains the digits task (:mod:`adanorm.lab.tasks.vision.digits`) with LayerNorm, LayerNorm-simple,
 w/o Norm, DetachNorm and AdaNorm for a few seeds each, in this process, then writes the report
 (table + loss curves) into the output directory.  Finished runs are reused on a second call.
 """

@@ -1,4 +1,4 @@
-"""The paper's result tables (shared/paper.md §4) as data, for every task's reports.
+"""The paper's result tables (docs/paper.md §4) as data, for every task's reports.
 
 ``paper_number("mnist", "adanorm")`` -> ``99.35``; ``"diverge"`` where the paper reports divergence;
 ``None`` where a dataset is not one of the paper's eight columns (e.g. a stand-in dataset such as

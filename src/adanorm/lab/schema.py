@@ -242,6 +242,9 @@ class TaskSchema:
     data: Mapping[str, Field] = field(default_factory=dict)
     model: Mapping[str, Field] = field(default_factory=dict)
     generation: Mapping[str, Field] = field(default_factory=dict)
+    #: Engine keys (dotted, e.g. ``"data.batch_size"``) this task does not take, each with the
+    #: one-line reason and replacement a config that sets it is refused with.
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 def check_section(where: str, fields: Mapping[str, Field], values: Any) -> dict[str, Any]:

@@ -4,7 +4,10 @@ A task (in the spirit of fairseq's ``FairseqTask``) owns
 
 * the data: :meth:`Task.dataset` builds the ``train``/``valid``/``test`` splits of the dataset named
   by ``cfg["data"]["name"]`` (a task may serve several datasets, e.g. text classification on
-  ``rt`` and ``sst5``), and :meth:`Task.collate` turns a list of examples into a batch;
+  ``rt`` and ``sst5``), and :meth:`Task.collate` turns a list of examples of a split into a batch.
+  ``data.batch_size`` is the number of examples per micro-step over all processes for every task
+  whose examples are single examples; a task whose examples are already batches (translation's
+  token batches, :attr:`Task.examples_are_batches`) draws one per process and refuses the key;
 * the model: :meth:`Task.build_model`, whose norms come *only* from :func:`adanorm.make_norm`
   with ``cfg["model"]["norm"]`` and ``cfg["model"]["norm_kwargs"]`` (use :meth:`Task.make_norm`);
 * the criterion: :meth:`Task.loss` returns the loss to back-propagate for a batch, plus additive
@@ -17,9 +20,10 @@ A task (in the spirit of fairseq's ``FairseqTask``) owns
   stopping; :attr:`Task.test_metric` is the number reported in tables.
 
 Statistics are *sums* so that the generic :class:`~adanorm.lab.trainer.Trainer` can add them over
-batches, over gradient-accumulation micro-batches and over DDP processes, and get exact metrics.  A
-task whose evaluation is not a sum over batches (e.g. corpus BLEU with beam search) overrides
-:meth:`Task.evaluate`.
+batches, over gradient-accumulation micro-batches and over DDP processes, and get exact metrics.
+Every task evaluates through the one loop of :meth:`Task.evaluate`; what a task adds to the loss's
+statistics (decoding, BLEU's n-gram counts, attachment scores, memory carried along a stream) goes
+in :meth:`Task.eval_batch_stats`, which is told the split.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "stack_batch",
     "stats_to_floats",
     "add_stats",
+    "cross_entropy_stats",
 ]
 
 #: Additive statistics: Python numbers, or detached 0-dim tensors still on the device.
@@ -121,6 +126,10 @@ class Task:
     #: update to the next (the LM's stream mode) sets it False and keeps that state in
     #: :meth:`state_dict`, which goes into every checkpoint.
     shuffle_train: bool = True
+    #: Whether each dataset example is already a batch (translation's token batches): the trainer
+    #: then draws one example per process and micro-step, and ``data.batch_size`` /
+    #: ``data.eval_batch_size`` do not apply (the task's schema refuses them).
+    examples_are_batches: ClassVar[bool] = False
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         self.cfg = cfg
@@ -137,8 +146,8 @@ class Task:
     def dataset(self, split: Split) -> Dataset:
         raise NotImplementedError
 
-    def collate(self, examples: Any) -> Any:
-        """Turn what ``dataset[...]`` (or ``dataset.__getitems__``) returned into a batch."""
+    def collate(self, examples: Any, split: Split) -> Any:
+        """Turn what ``dataset(split)[...]`` (or its ``__getitems__``) returned into a batch."""
         return torch.utils.data.default_collate(examples)
 
     def batch_size(self, batch: Any) -> int:
@@ -175,20 +184,22 @@ class Task:
         batches: Iterable[Any],
         reduce: Callable[[Stats], Stats],
         autocast: Callable[[], Any],
+        split: Split,
     ) -> dict[str, float]:
-        """Metrics of ``model`` over ``batches`` (this process's shard); ``reduce`` sums stats
-        over processes.  Override for metrics that are not sums over batches."""
+        """Metrics of ``model`` over the ``split`` batches of this process's shard: the sum of
+        :meth:`eval_batch_stats` over the batches, summed over processes by ``reduce``."""
         total: Stats = {}
         with torch.no_grad():
             for batch in batches:
                 with autocast():
-                    stats = self.eval_batch_stats(model, batch)
+                    stats = self.eval_batch_stats(model, batch, split)
                 add_stats(total, stats)
         return self.metrics(reduce(stats_to_floats(total)))
 
-    def eval_batch_stats(self, model: nn.Module, batch: Any) -> Stats:
-        """Additive statistics of one evaluation batch: the loss's by default.  Override to add
-        statistics that need more than the loss (e.g. decoding)."""
+    def eval_batch_stats(self, model: nn.Module, batch: Any, split: Split) -> Stats:
+        """Additive statistics of one evaluation batch of ``split``: the loss's by default.
+        Every process must return the same keys (they are summed over processes), also for a
+        batch that contributes nothing to some of them."""
         return self.loss(model, batch)[1]
 
     # --- training state carried across updates ------------------------------------------------
@@ -247,6 +258,20 @@ def stack_batch(examples: Any) -> Any:
     return examples
 
 
+def cross_entropy_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Stats]:
+    """Mean cross-entropy of ``logits`` (computed in float32) against ``labels``, with the sums
+    accuracy-style metrics need: ``loss_sum``, ``correct`` (argmax hits) and ``n``."""
+    logits = logits.float()
+    loss = nn.functional.cross_entropy(logits, labels)
+    n = labels.shape[0]
+    stats = {
+        "loss_sum": loss.detach().double() * n,
+        "correct": (logits.detach().argmax(-1) == labels).sum().double(),
+        "n": float(n),
+    }
+    return loss, stats
+
+
 class ClassificationTask(Task):
     """Cross-entropy classification with accuracy (in %) as the valid and test metric.
 
@@ -258,22 +283,14 @@ class ClassificationTask(Task):
     test_metric = "acc"
     test_metric_label = "accuracy (%)"
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: Split) -> Any:
         if isinstance(examples, tuple):  # from TensorDataset.__getitems__
             return examples
-        return super().collate(examples)
+        return super().collate(examples, split)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
         inputs, labels = batch
-        logits = model(inputs).float()
-        loss = nn.functional.cross_entropy(logits, labels)
-        n = labels.shape[0]
-        stats = {
-            "loss_sum": loss.detach().double() * n,
-            "correct": (logits.detach().argmax(-1) == labels).sum().double(),
-            "n": float(n),
-        }
-        return loss, stats
+        return cross_entropy_stats(model(inputs), labels)
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)

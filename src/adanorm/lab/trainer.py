@@ -6,21 +6,8 @@ rest — seeding, AMP, gradient accumulation and clipping, lr schedules, periodi
 stopping, best-checkpoint selection, atomic checkpoints with exact resume, DDP, a progress bar and
 ``metrics.jsonl``.
 
-Run directory layout (written by the main process only)::
-
-    config.yaml          the resolved config
-    run.json             git commit, seed, library versions, device, world size, command line
-    metrics.jsonl        one JSON object per train log / evaluation / final test line
-    checkpoint_last.pt   everything needed to resume (model, optimizer, scheduler, RNG, counters)
-                         and the task's own training state (``Task.state_dict``), e.g. the LM's
-                         memory; other DDP processes keep their RNG and task state in
-                         ``rng_rank<r>_step<s>.pt`` / ``task_state_rank<r>_step<s>.pt``
-    checkpoint_best.pt   the model with the best validation metric
-    checkpoint_avg_<step>.pt  with ``train.average_checkpoints`` N > 0: the weights at each of
-                         the last N evaluations, averaged into the final model
-    results.json         final valid and test metrics of the best (or averaged) model, training
-                         totals and throughput (e.g. target tokens per second); marks a finished
-                         run
+The run directory's layout is described in :mod:`adanorm.lab.rundir`; checkpoint averaging lives
+in :mod:`adanorm.lab.averaging`, the samplers in :mod:`adanorm.lab.samplers`.
 
 Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)`` (shuffled, or
 in index order for a task with ``shuffle_train = False``); a checkpoint
@@ -33,10 +20,10 @@ shorter than recorded (lost lines) is refused; a resumed run without a checkpoin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -44,16 +31,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..analysis import GradientStatsRecorder
 from . import checkpoint as ckpt
-from .config import ConfigError, check_resume, dump_yaml, resolve
+from .averaging import CheckpointAverager
+from .config import ConfigError, resolve
 from .distributed import DistInfo, all_reduce_sums, barrier, init_distributed
-from .runinfo import environment, git_state, norm_label
+from .optim import build_optimizer
+from .rundir import (
+    BEST,
+    LAST,
+    METRICS,
+    RESULTS,
+    RunDirError,
+    lock_run_dir,
+    prepare_run_dir,
+    write_provenance,
+)
+from .runinfo import norm_label
+from .runtime import (
+    NonfiniteLossWatch,
+    TrainingOutOfMemoryError,
+    is_out_of_memory,
+    move_to_device,
+    out_of_memory_error,
+    process_settings,
+    resolve_device,
+    seed_everything,
+)
+from .samplers import GlobalBatchSampler, ShardSampler
 from .schedules import lr_multiplier
 from .task import Stats, Task, add_stats, get_task, stats_to_floats
 
@@ -61,113 +70,10 @@ __all__ = [
     "Trainer",
     "RunDirError",
     "TrainingOutOfMemoryError",
-    "GlobalBatchSampler",
     "seed_everything",
     "resolve_device",
 ]
 
-LAST = "checkpoint_last.pt"
-BEST = "checkpoint_best.pt"
-RESULTS = "results.json"
-SNAPSHOT_PREFIX = "checkpoint_avg_"
-METRICS = "metrics.jsonl"
-
-
-class RunDirError(RuntimeError):
-    """The run directory is in a state that the requested action would damage."""
-
-
-class TrainingOutOfMemoryError(MemoryError):
-    """The device ran out of memory in a training step or an evaluation; the message says which
-    config value to lower."""
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # CUDA raises torch.OutOfMemoryError; torch's CPU allocator a plain RuntimeError.
-    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available")
-    return device
-
-
-class GlobalBatchSampler(Sampler[list[int]]):
-    """Batches of one epoch, identical for any number of processes.
-
-    The epoch's permutation depends only on ``(seed, epoch)``.  It is cut into global batches of
-    ``global_batch`` indices (the incomplete last one is dropped), and process ``rank`` of
-    ``world_size`` takes the ``rank``-th equal slice of each.  DDP averages gradients over
-    processes, so the update equals that of one process on the whole global batch.
-    ``start_batch`` skips the batches already consumed before a resume.
-    """
-
-    def __init__(
-        self,
-        num_examples: int,
-        global_batch: int,
-        *,
-        seed: int,
-        epoch: int,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        start_batch: int = 0,
-        num_batches: int | None = None,
-    ) -> None:
-        if global_batch % world_size:
-            raise ConfigError(
-                f"data.batch_size={global_batch} is not divisible by the {world_size} processes"
-            )
-        self.num_examples = num_examples
-        self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
-        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
-        self.rank, self.world_size = rank, world_size
-        full = num_examples // global_batch
-        self.num_batches = full if num_batches is None else min(num_batches, full)
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        return max(self.num_batches - self.start_batch, 0)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_examples, generator=generator)
-        else:
-            order = torch.arange(self.num_examples)
-        for b in range(self.start_batch, self.num_batches):
-            lo = b * self.global_batch + self.rank * self.local_batch
-            yield order[lo : lo + self.local_batch].tolist()
-
-
-class _ShardSampler(Sampler[list[int]]):
-    """Evaluation batches over this process's contiguous shard of a split (nothing dropped)."""
-
-    def __init__(self, num_examples: int, batch_size: int, rank: int, world_size: int) -> None:
-        per = math.ceil(num_examples / world_size)
-        self.lo, self.hi = min(rank * per, num_examples), min((rank + 1) * per, num_examples)
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil((self.hi - self.lo) / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for lo in range(self.lo, self.hi, self.batch_size):
-            yield list(range(lo, min(lo + self.batch_size, self.hi)))
 
 
 @dataclass
@@ -187,44 +93,6 @@ class TrainState:
     log_sums: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, Any] = field(default_factory=dict)
     last_valid: dict[str, float] = field(default_factory=dict)
-
-
-def _move(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _move(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(v, device) for v in batch)
-    return batch
-
-
-@contextlib.contextmanager
-def _process_settings(tcfg: Mapping[str, Any], device: torch.device) -> Iterator[None]:
-    """Apply the run's process-wide torch settings; restore the previous ones on exit."""
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    benchmark = torch.backends.cudnn.benchmark
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    rng = ckpt.capture_rng()
-    try:
-        torch.set_num_threads(int(tcfg["threads"]) or 1)
-        if tcfg["deterministic"]:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = False
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.backends.cudnn.benchmark = benchmark
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
-        ckpt.restore_rng(rng)
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
@@ -270,8 +138,7 @@ class Trainer:
 
         self.task: Task = get_task(cfg["task"])(cfg, data_dir)
         self.state = TrainState()
-        self._first_nonfinite_step: torch.Tensor | None = None
-        self._first_nonfinite_loss: torch.Tensor | None = None
+        self.nonfinite = NonfiniteLossWatch()
         self._resume_state: dict[str, Any] | None = None
 
     # --- setup ----------------------------------------------------------------------------------
@@ -279,140 +146,6 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def _build_optimizer(self, params: Any) -> torch.optim.Optimizer:
-        o = self.cfg["optim"]
-        name = o["name"]
-        if name == "adam":
-            return torch.optim.Adam(
-                params,
-                lr=o["lr"],
-                betas=tuple(o["betas"]),
-                eps=o["eps"],
-                weight_decay=o["weight_decay"],
-            )
-        if name == "adamw":
-            return torch.optim.AdamW(
-                params,
-                lr=o["lr"],
-                betas=tuple(o["betas"]),
-                eps=o["eps"],
-                weight_decay=o["weight_decay"],
-            )
-        if name == "sgd":
-            return torch.optim.SGD(
-                params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"]
-            )
-        raise ConfigError(f"unknown optim.name {name!r}; choose adam, adamw or sgd")
-
-    def _lock_run_dir(self) -> None:
-        """Refuse a second trainer in the same directory (e.g. two sweeps over one output).
-
-        The lock is an advisory ``flock`` on ``.lock``: the OS drops it when the process dies,
-        even by ``kill -9``, so a crashed run never leaves a stale lock behind.
-        """
-        self._lock_file = None
-        if not self.dist.is_main:
-            return
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.run_dir / ".lock", "a")  # noqa: SIM115 (held for the whole run)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise RunDirError(
-                f"another process is training in {self.run_dir} (it holds {self.run_dir}/.lock)"
-            ) from None
-        self._lock_file = handle
-
-    def _unlock_run_dir(self) -> None:
-        if getattr(self, "_lock_file", None) is not None:
-            self._lock_file.close()
-            self._lock_file = None
-
-    def _prepare_run_dir(self) -> bool:
-        """Check the run directory; return True if a checkpoint should be resumed."""
-        last = self.run_dir / LAST
-        if (self.run_dir / RESULTS).exists():
-            raise RunDirError(f"{self.run_dir} already holds a finished run ({RESULTS} exists)")
-        if self.resume:
-            if last.exists():
-                if (self.run_dir / "config.yaml").exists():
-                    check_resume(self.run_dir / "config.yaml", self.cfg)
-                self._resume_state = self._checked_last_checkpoint()
-                return True
-            self._drop_lines_without_checkpoint()
-            return False
-        if last.exists() or (self.run_dir / METRICS).exists():
-            raise RunDirError(
-                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
-                f"another --run-dir"
-            )
-        return False
-
-    def _checked_last_checkpoint(self) -> dict[str, Any]:
-        """The last checkpoint, refused unless ``metrics.jsonl`` still holds every line it saw.
-
-        Those lines come from training that the checkpoint cannot replay: a shorter file (lost
-        lines) or one whose recorded length does not end a line (a replaced file) cannot be
-        resumed exactly, and extending it would write NUL bytes that break every reader.
-        """
-        state = ckpt.load_checkpoint(
-            self.run_dir / LAST,
-            required=("model", "optimizer", "scheduler", "trainer", "rng", "metrics_bytes"),
-        )
-        recorded = int(state["metrics_bytes"])
-        path = self.run_dir / METRICS
-        size = path.stat().st_size if path.exists() else 0
-        ends_a_line = recorded == 0
-        if 0 < recorded <= size:
-            with open(path, "rb") as fh:
-                fh.seek(recorded - 1)
-                ends_a_line = fh.read(1) == b"\n"
-        if size < recorded or not ends_a_line:
-            raise RunDirError(
-                f"{path} has {size} bytes but {LAST} (step {state['trainer']['step']}) recorded "
-                f"{recorded} bytes ending a line: lines written before that checkpoint were lost "
-                f"or the file was replaced, so the run cannot be resumed exactly; restore "
-                f"{METRICS}, or delete {self.run_dir} and train again"
-            )
-        return state
-
-    def _drop_lines_without_checkpoint(self) -> None:
-        """A resumed run without a checkpoint starts over at step 0, replaying every line."""
-        path = self.run_dir / METRICS
-        if self.dist.is_main and path.exists() and path.stat().st_size:
-            print(
-                f"{self.run_dir}: no {LAST} yet, so the run starts over; dropping the "
-                f"{METRICS} lines of the attempt that stopped before its first checkpoint",
-                file=sys.stderr,
-            )
-            with open(path, "r+b") as fh:
-                fh.truncate(0)
-
-    def _write_provenance(self, resuming: bool) -> None:
-        if not self.dist.is_main:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        info = {
-            "task": self.cfg["task"],
-            "dataset": self.task.dataset_name,
-            "seed": self.cfg["seed"],
-            "git": git_state(),
-            "environment": environment(self.device),
-            "world_size": self.dist.world_size,
-            "command": self.argv,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        # A run.json left by an attempt that never reached a checkpoint describes nothing that
-        # survives: a fresh start replaces it; only a resumed checkpoint gets run.resumed.json.
-        name = "run.resumed.json" if resuming else "run.json"
-        ckpt.atomic_write_text(self.run_dir / name, json.dumps(info, indent=2) + "\n")
 
     # --- metrics file ---------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -429,7 +162,7 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def _save_last(self) -> None:
-        self._raise_if_nonfinite()
+        self.nonfinite.raise_if_seen(self.state.step)
         self.state.log_sums = stats_to_floats(self.state.log_sums)
         self.state.totals = stats_to_floats(self.state.totals)
         if self.dist.is_main:
@@ -470,16 +203,10 @@ class Trainer:
 
     def _save_best(self) -> None:
         if self.dist.is_main:
-            ckpt.atomic_save(
-                {
-                    "format": "adanorm-lab-best/1",
-                    "model": self.module.state_dict(),
-                    "step": self.state.step,
-                    "valid": dict(self.state.last_valid),
-                    "config": json.loads(json.dumps(self.cfg)),
-                },
-                self.run_dir / BEST,
-            )
+            state = {"format": "adanorm-lab-best/1", "model": self.module.state_dict(),
+                     "step": self.state.step, "valid": dict(self.state.last_valid),
+                     "config": json.loads(json.dumps(self.cfg))}
+            ckpt.atomic_save(state, self.run_dir / BEST)
 
     def _load_last(self) -> None:
         state, self._resume_state = self._resume_state, None
@@ -514,40 +241,23 @@ class Trainer:
             return Subset(dataset, range(limit))
         return dataset
 
-    def _loader(self, dataset: Dataset, sampler: Sampler[list[int]]) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler[list[int]], split: str) -> DataLoader:
         # A private generator: creating a DataLoader iterator draws a seed from its generator,
         # and drawing from the global one would shift dropout masks after a resume.
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=self.task.collate,
+            collate_fn=functools.partial(self.task.collate, split=split),
             num_workers=0,
             generator=torch.Generator().manual_seed(0),
         )
 
-    def _eval_batches(self, dataset: Dataset) -> Iterator[Any]:
-        sampler = _ShardSampler(
-            len(dataset), self.cfg["data"]["eval_batch_size"], self.dist.rank, self.dist.world_size
-        )
-        for batch in self._loader(dataset, sampler):
-            yield _move(batch, self.device)
-
-    def _out_of_memory(self, during: str, exc: BaseException) -> TrainingOutOfMemoryError:
-        data, accum = self.cfg["data"], self.cfg["optim"]["accum_steps"]
-        if during == "training":
-            key = "max_tokens" if "max_tokens" in data else "batch_size"
-            advice = (
-                f"lower data.{key} (now {data[key]}) and raise optim.accum_steps (now {accum}) "
-                f"by the same factor to keep the update"
-            )
-        else:
-            key = "eval_max_tokens" if "eval_max_tokens" in data else "eval_batch_size"
-            advice = f"lower data.{key} (now {data[key]})"
-        what = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        return TrainingOutOfMemoryError(
-            f"out of memory on {self.device} during {during} at step {self.state.step} ({what}); "
-            f"{advice}, or train.amp=bf16, or a smaller model"
-        )
+    def _eval_batches(self, dataset: Dataset, split: str) -> Iterator[Any]:
+        # A task whose examples are batches evaluates one of them per call.
+        size = 1 if self.task.examples_are_batches else self.cfg["data"]["eval_batch_size"]
+        sampler = ShardSampler(len(dataset), size, self.dist.rank, self.dist.world_size)
+        for batch in self._loader(dataset, sampler, split):
+            yield move_to_device(batch, self.device)
 
     def evaluate(self, split: str) -> dict[str, float]:
         dataset = self.valid_set if split == "valid" else self.test_set
@@ -556,13 +266,15 @@ class Trainer:
         try:
             return self.task.evaluate(
                 self.module,
-                self._eval_batches(dataset),
+                self._eval_batches(dataset, split),
                 lambda stats: all_reduce_sums(stats_to_floats(stats), self.device),
                 self._autocast,
+                split,
             )
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                raise self._out_of_memory(f"{split} evaluation", exc) from exc
+            if is_out_of_memory(exc):
+                step, during = self.state.step, f"{split} evaluation"
+                raise out_of_memory_error(self.cfg, self.device, step, during, exc) from exc
             raise
         finally:
             self.module.train(was_training)
@@ -575,7 +287,7 @@ class Trainer:
         with context:
             with self._autocast():
                 loss, stats = self.task.loss(self.model, batch)
-            self._note_nonfinite(loss.detach())
+            self.nonfinite.note(loss.detach(), self.state.step)
             loss = loss * scale
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -587,21 +299,19 @@ class Trainer:
         try:
             self._update(micro_batches)
         except Exception as exc:
-            if _is_out_of_memory(exc):
-                raise self._out_of_memory("training", exc) from exc
+            if is_out_of_memory(exc):
+                step = self.state.step
+                raise out_of_memory_error(self.cfg, self.device, step, "training", exc) from exc
             raise
 
     def _update(self, micro_batches: list[Any]) -> None:
         accum = len(micro_batches)
-        recording = (
-            self.grad_recorder.step(self.state.step)
-            if self.grad_recorder is not None
-            else contextlib.nullcontext()
-        )
+        recorder = self.grad_recorder
+        recording = contextlib.nullcontext() if recorder is None else recorder.step(self.state.step)
         with recording:
             for i, batch in enumerate(micro_batches):
                 stats = self._micro_step(
-                    _move(batch, self.device), sync=i == accum - 1, scale=1 / accum
+                    move_to_device(batch, self.device), sync=i == accum - 1, scale=1 / accum
                 )
                 add_stats(self.state.log_sums, stats)
                 add_stats(self.state.totals, stats)
@@ -622,36 +332,8 @@ class Trainer:
         if self.grad_recorder is not None:
             grad_stats = self.grad_recorder.pop()
             if grad_stats:  # this process's shard only, under DDP
-                self._raise_if_nonfinite()
+                self.nonfinite.raise_if_seen(self.state.step)
                 self._log({"split": "gradstats", "step": self.state.step, **grad_stats})
-
-    def _note_nonfinite(self, loss: torch.Tensor) -> None:
-        """Remember, on the device, the first update whose loss was not finite.
-
-        Checking ``isfinite`` on the host would wait for the device every micro-step; the flag is
-        read by :meth:`_raise_if_nonfinite` only where the trainer synchronizes anyway (logs,
-        evaluations, checkpoints), so no log line, best model or checkpoint comes from a run
-        past a non-finite loss.
-        """
-        if self._first_nonfinite_step is None:
-            self._first_nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
-            self._first_nonfinite_loss = torch.zeros((), dtype=torch.float64, device=loss.device)
-        first = (self._first_nonfinite_step < 0) & ~torch.isfinite(loss)
-        self._first_nonfinite_step = torch.where(first, self.state.step, self._first_nonfinite_step)
-        self._first_nonfinite_loss = torch.where(
-            first, loss.to(torch.float64), self._first_nonfinite_loss
-        )
-
-    def _raise_if_nonfinite(self) -> None:
-        if self._first_nonfinite_step is None:
-            return
-        step = int(self._first_nonfinite_step)
-        if step >= 0:
-            raise FloatingPointError(
-                f"non-finite training loss {float(self._first_nonfinite_loss)} at step {step} "
-                f"(noticed at step {self.state.step}); try a lower optim.lr, "
-                f"optim.clip_norm > 0 or train.amp=none"
-            )
 
     def _improved(self, value: float) -> bool:
         best = self.state.best_metric
@@ -659,39 +341,10 @@ class Trainer:
             return not math.isnan(value)
         return value > best if self.task.valid_mode == "max" else value < best
 
-    def _snapshot_for_average(self) -> None:
-        """Keep the weights of the last ``train.average_checkpoints`` evaluations."""
-        keep = int(self.cfg["train"]["average_checkpoints"])
-        if keep <= 0 or not self.dist.is_main:
-            return
-        ckpt.atomic_save(
-            {"format": "adanorm-lab-snapshot/1", "model": self.module.state_dict(),
-             "step": self.state.step},
-            self.run_dir / f"{SNAPSHOT_PREFIX}{self.state.step:09d}.pt",
-        )
-        for old in self._snapshots()[:-keep]:
-            old.unlink()
-
-    def _snapshots(self) -> list[Path]:
-        return sorted(self.run_dir.glob(f"{SNAPSHOT_PREFIX}*.pt"))
-
-    def _averaged_model(self) -> dict[str, torch.Tensor]:
-        """The element-wise mean of the kept snapshots (floating tensors; others from the last)."""
-        paths = self._snapshots()
-        states = [ckpt.load_checkpoint(path, ["model", "step"])["model"] for path in paths]
-        averaged = {}
-        for key, value in states[-1].items():
-            if torch.is_floating_point(value):
-                total = sum(state[key].double() for state in states)
-                averaged[key] = (total / len(states)).to(value.dtype)
-            else:
-                averaged[key] = value
-        self._averaged_steps = [int(ckpt.load_checkpoint(p)["step"]) for p in paths]
-        return averaged
-
     def _run_eval(self) -> None:
-        self._raise_if_nonfinite()
-        self._snapshot_for_average()
+        self.nonfinite.raise_if_seen(self.state.step)
+        if self.averager is not None and self.dist.is_main:
+            self.averager.snapshot(self.module.state_dict(), self.state.step)
         metrics = self.evaluate("valid")
         self.state.last_valid = metrics
         value = metrics[self.task.valid_metric]
@@ -716,7 +369,7 @@ class Trainer:
             self.state.stopped_early = True
 
     def _flush_train_log(self) -> None:
-        self._raise_if_nonfinite()
+        self.nonfinite.raise_if_seen(self.state.step)
         sums = all_reduce_sums(stats_to_floats(self.state.log_sums), self.device)
         self.state.log_sums = {}
         if sums:
@@ -739,16 +392,24 @@ class Trainer:
         for the run and restored when it ends, also on error, so that callers running several
         trainers in one process (``demo``, ``analyze``, notebooks) do not inherit them.
         """
-        with _process_settings(self.cfg["train"], self.device):
-            self._lock_run_dir()
+        with process_settings(self.cfg["train"], self.device):
+            lock = lock_run_dir(self.run_dir) if self.dist.is_main else None
             try:
-                return self._fit(self._prepare_run_dir())
+                self._resume_state = prepare_run_dir(
+                    self.run_dir, self.cfg, resume=self.resume, is_main=self.dist.is_main
+                )
+                return self._fit(self._resume_state is not None)
             finally:
-                self._unlock_run_dir()
+                if lock is not None:
+                    lock.close()
 
     def _fit(self, resume_from_checkpoint: bool) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg["train"]
-        self._write_provenance(resume_from_checkpoint)
+        if self.dist.is_main:
+            write_provenance(
+                self.run_dir, self.cfg, self.task.dataset_name, self.device, self.dist.world_size,
+                self.argv, resuming=resume_from_checkpoint,
+            )
 
         seed_everything(cfg["seed"])
         self.train_set = self._limited(self.task.dataset("train"))
@@ -762,22 +423,26 @@ class Trainer:
             )
         if self.dist.rank > 0:
             torch.manual_seed(cfg["seed"] + 7919 * self.dist.rank)  # own dropout stream
-        self.optimizer = self._build_optimizer(self.module.parameters())
+        self.optimizer = build_optimizer(self.module.parameters(), cfg["optim"])
+        keep = int(tcfg["average_checkpoints"])
+        self.averager = CheckpointAverager(self.run_dir, keep) if keep > 0 else None
         gradstats_every = int(cfg["analysis"]["gradstats_every"])
-        self.grad_recorder = (
-            GradientStatsRecorder(self.module, every=gradstats_every)
-            if gradstats_every > 0
-            else None
-        )
+        self.grad_recorder = None
+        if gradstats_every > 0:
+            self.grad_recorder = GradientStatsRecorder(self.module, every=gradstats_every)
 
         accum = cfg["optim"]["accum_steps"]
-        global_batch = cfg["data"]["batch_size"]
+        if self.task.examples_are_batches:  # one of the task's own batches per process
+            global_batch, batch_key = self.dist.world_size, f"{self.dist.world_size} processes"
+        else:
+            global_batch = cfg["data"]["batch_size"]
+            batch_key = f"data.batch_size={global_batch}"
         micro_per_epoch = len(self.train_set) // global_batch
         self.steps_per_epoch = micro_per_epoch // accum
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"the train split has {len(self.train_set)} examples: fewer than one update of "
-                f"data.batch_size={global_batch} x optim.accum_steps={accum}"
+                f"{batch_key} x optim.accum_steps={accum}"
             )
         total = tcfg["max_epochs"] * self.steps_per_epoch if tcfg["max_epochs"] else 0
         if tcfg["max_steps"]:
@@ -792,7 +457,6 @@ class Trainer:
             self._load_last()
 
         self._train_postfix: dict[str, float] = {}
-        eval_every = tcfg["eval_every"]
         bar = None
         if self.show_progress and self.dist.is_main:
             from tqdm import tqdm
@@ -823,38 +487,12 @@ class Trainer:
                     num_batches=self.steps_per_epoch * accum,
                 )
                 self.task.begin_train_epoch(self.state.epoch, self.state.batch_in_epoch)
-                batches = iter(self._loader(self.train_set, sampler))
+                batches = iter(self._loader(self.train_set, sampler, "train"))
                 while self.state.step < total and not self.state.stopped_early:
                     self._optimizer_step([next(batches) for _ in range(accum)])
-                    epoch_end = self.state.batch_in_epoch >= self.steps_per_epoch * accum
-                    if epoch_end:
-                        self.state.epoch += 1
-                        self.state.batch_in_epoch = 0
-                    step = self.state.step
-                    if step % tcfg["log_every"] == 0 or step == total or epoch_end:
-                        self._flush_train_log()
-                    evaluated = False
-                    if (eval_every == "epoch" and epoch_end) or (
-                        eval_every != "epoch" and step % eval_every == 0
-                    ):
-                        self._run_eval()
-                        evaluated = True
-                    if step == total and not evaluated and self.state.best_step != step:
-                        self._run_eval()  # the final model is always a candidate
-                        evaluated = True
-                    self.state.train_seconds = seconds_before + time.perf_counter() - started
-                    if evaluated or step % tcfg["checkpoint_every"] == 0 or step == total:
-                        self._save_last()
+                    epoch_end = self._after_update(total, accum, started, seconds_before)
                     if bar is not None:
-                        bar.update(1)
-                        post = {}
-                        if "loss" in self._train_postfix:  # none before the first log line
-                            post["loss"] = f"{self._train_postfix['loss']:.4f}"
-                        post["lr"] = f"{self.scheduler.get_last_lr()[0]:.2e}"
-                        if self.state.last_valid:
-                            key = self.task.valid_metric
-                            post[f"valid_{key}"] = f"{self.state.last_valid[key]:.4f}"
-                        bar.set_postfix(post, refresh=False)
+                        self._show_progress(bar)
                     if epoch_end:
                         break
         finally:
@@ -862,14 +500,51 @@ class Trainer:
                 bar.close()
         return self._finish()
 
+    def _after_update(self, total: int, accum: int, started: float, seconds_before: float) -> bool:
+        """Everything an update is followed by: epoch bookkeeping, the train log line, an
+        evaluation when one is due (the final model always gets one) and a checkpoint; return
+        whether the update ended the epoch."""
+        tcfg, eval_every = self.cfg["train"], self.cfg["train"]["eval_every"]
+        epoch_end = self.state.batch_in_epoch >= self.steps_per_epoch * accum
+        if epoch_end:
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+        step = self.state.step
+        if step % tcfg["log_every"] == 0 or step == total or epoch_end:
+            self._flush_train_log()
+        evaluated = False
+        if (eval_every == "epoch" and epoch_end) or (
+            eval_every != "epoch" and step % eval_every == 0
+        ):
+            self._run_eval()
+            evaluated = True
+        if step == total and not evaluated and self.state.best_step != step:
+            self._run_eval()  # the final model is always a candidate
+            evaluated = True
+        self.state.train_seconds = seconds_before + time.perf_counter() - started
+        if evaluated or step % tcfg["checkpoint_every"] == 0 or step == total:
+            self._save_last()
+        return epoch_end
+
+    def _show_progress(self, bar: Any) -> None:
+        bar.update(1)
+        post = {}
+        if "loss" in self._train_postfix:  # none before the first log line
+            post["loss"] = f"{self._train_postfix['loss']:.4f}"
+        post["lr"] = f"{self.scheduler.get_last_lr()[0]:.2e}"
+        if self.state.last_valid:
+            key = self.task.valid_metric
+            post[f"valid_{key}"] = f"{self.state.last_valid[key]:.4f}"
+        bar.set_postfix(post, refresh=False)
+
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        self._raise_if_nonfinite()
+        self.nonfinite.raise_if_seen(self.state.step)
         self.state.totals = stats_to_floats(self.state.totals)
-        average = int(cfg["train"]["average_checkpoints"])
-        self._averaged_steps: list[int] = []
-        if average > 0 and self._snapshots():
-            final = {"model": self._averaged_model()}
+        averaged_steps: list[int] = []
+        if self.averager is not None and self.averager.snapshots():
+            averaged, averaged_steps = self.averager.average()
+            final = {"model": averaged}
         else:
             final = (
                 ckpt.load_checkpoint(self.run_dir / BEST, ["model"])
@@ -900,8 +575,8 @@ class Trainer:
             "train_seconds": round(self.state.train_seconds, 2),
             "world_size": self.dist.world_size,
             "final_model": (
-                f"average of the weights at steps {self._averaged_steps}"
-                if self._averaged_steps
+                f"average of the weights at steps {averaged_steps}"
+                if averaged_steps
                 else "best validation checkpoint"
             ),
             "valid": valid,

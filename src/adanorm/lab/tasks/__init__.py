@@ -1,6 +1,7 @@
-"""Built-in tasks.  Importing a task module registers it (``@register_task``); add new task
-modules to the import list below."""
+"""Built-in tasks, one package per family: the path from a task's config to its model and its
+metric stays inside that family's folder.  Importing a family registers its tasks
+(``@register_task``); add new families to the import list below."""
 
-from . import digits, lm, mnist, mt, parsing, textcls  # noqa: F401
+from . import lm, mt, parsing, textcls, vision  # noqa: F401
 
-__all__ = ["digits", "lm", "mnist", "mt", "parsing", "textcls"]
+__all__ = ["lm", "mt", "parsing", "textcls", "vision"]

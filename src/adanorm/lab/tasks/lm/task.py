@@ -2,13 +2,13 @@
 
 Datasets: ``tiny_shakespeare`` (the CPU-scale stand-in; BPC per character) and ``enwik8`` under
 ``data.protocol`` ``raw`` (bytes, newlines kept; BPC per byte) or ``txl`` (the Transformer-XL
-pipeline, newlines dropped; BPC per character) — see :mod:`.lm_data`.  The protocol is part of
+pipeline, newlines dropped; BPC per character) — see :mod:`.data`.  The protocol is part of
 :attr:`LMTask.test_metric_label`, so it is written next to every number.
 
 **Memory during training** (``data.train_mode``):
 
 * ``stream`` (the presets' default; the reference's loop): the train split is cut into
-  ``data.batch_size`` contiguous streams (:class:`~.lm_data.TrainStreams`), the trainer reads them
+  ``data.batch_size`` contiguous streams (:class:`~.data.TrainStreams`), the trainer reads them
   in order (:attr:`LMTask.shuffle_train` is False), each DDP process owning its slice of the
   streams, and the detached memory that segment ``b`` of a stream leaves is the memory of its
   segment ``b + 1``, one update later (with ``optim.accum_steps`` > 1, one micro-batch later).
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -38,10 +38,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..data import DataFile, DatasetInfo, register_dataset, require_dataset
-from ..schema import Bool, DropoutRate, Int, Str, TaskSchema
-from ..task import Stats, Task, register_task, stats_to_floats
-from .lm_data import (
+from ...data import require_dataset
+from ...schema import Bool, DropoutRate, Int, Str, TaskSchema
+from ...task import Stats, Task, register_task
+from .data import (
     ENWIK8_PROTOCOLS,
     Corpus,
     EvalStreams,
@@ -51,47 +51,12 @@ from .lm_data import (
     load_tiny_shakespeare,
     read_enwik8_zip,
 )
-from .lm_model import Mems, TransformerXL
+from .model import Mems, TransformerXL
 
-__all__ = ["LMTask", "TINY_SHAKESPEARE", "ENWIK8", "TRAIN_MODES"]
+__all__ = ["LMTask", "TRAIN_MODES"]
 
 #: ``data.train_mode``: memory carried along ordered streams, or rebuilt per shuffled window.
 TRAIN_MODES = ("stream", "warmup")
-
-TINY_SHAKESPEARE = register_dataset(
-    DatasetInfo(
-        name="tiny_shakespeare",
-        subdir="tiny_shakespeare",
-        description="Tiny Shakespeare (Karpathy, char-rnn), 1,115,394 characters",
-        homepage="https://github.com/karpathy/char-rnn",
-        files=(
-            DataFile(
-                name="input.txt",
-                sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-                urls=(
-                    "https://raw.githubusercontent.com/karpathy/char-rnn/"
-                    "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
-                ),
-            ),
-        ),
-    )
-)
-
-ENWIK8 = register_dataset(
-    DatasetInfo(
-        name="enwik8",
-        subdir="enwik8",
-        description="enwik8: the first 10^8 bytes of English Wikipedia (Hutter Prize)",
-        homepage="http://mattmahoney.net/dc/textdata.html",
-        files=(
-            DataFile(
-                name="enwik8.zip",  # 36,445,475 bytes
-                sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
-                urls=("http://mattmahoney.net/dc/enwik8.zip",),
-            ),
-        ),
-    )
-)
 
 # Decoding enwik8 takes seconds: keep corpora per (dataset, directory, protocol) for the process.
 _CORPORA: dict[tuple[str, str, str], Corpus] = {}
@@ -217,7 +182,7 @@ class LMTask(Task):
             return SegmentWindows(ids, self.tgt_len, self.memory_segments * self.tgt_len)
         return EvalStreams(ids, int(self.cfg["data"]["eval_streams"]))
 
-    def collate(self, examples: Any) -> Tensor:
+    def collate(self, examples: Any, split: str) -> Tensor:
         if isinstance(examples, Tensor):  # from __getitems__: already one batch
             return examples
         return torch.stack(list(examples))
@@ -326,26 +291,17 @@ class LMTask(Task):
         return {"loss": nats, "bpc": nats / math.log(2), "symbols": symbols}
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        reduce: Callable[[Stats], Stats],
-        autocast: Callable[[], Any],
-    ) -> dict[str, float]:
-        """Read every batch of streams segment by segment, carrying memory between segments."""
-        total: Stats = {"nll_sum": 0.0, "symbols": 0.0}
-        with torch.no_grad():
-            for streams in batches:
-                mems: Mems | None = None
-                length = streams.shape[1]
-                for start in range(0, length - 1, self.eval_tgt_len):
-                    end = min(start + self.eval_tgt_len, length - 1)
-                    with autocast():
-                        logits, mems = model(streams[:, start:end], mems, **self.eval_lengths)
-                    targets = streams[:, start + 1 : end + 1]
-                    total["nll_sum"] += F.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                        reduction="sum").double()
-                    total["symbols"] += targets.numel()
-        return self.metrics(reduce(stats_to_floats(total)))
+    def eval_batch_stats(self, model: nn.Module, streams: Tensor, split: str) -> Stats:
+        """Read a batch of streams segment by segment, carrying memory between segments."""
+        stats: Stats = {"nll_sum": 0.0, "symbols": 0.0}
+        mems: Mems | None = None
+        length = streams.shape[1]
+        for start in range(0, length - 1, self.eval_tgt_len):
+            end = min(start + self.eval_tgt_len, length - 1)
+            logits, mems = model(streams[:, start:end], mems, **self.eval_lengths)
+            targets = streams[:, start + 1 : end + 1]
+            stats["nll_sum"] += F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                reduction="sum").double()
+            stats["symbols"] += targets.numel()
+        return stats

@@ -1,6 +1,6 @@
 """The paper's figure 2 for the parsing task: train and valid loss of AdaNorm vs LayerNorm.
 
-``python -m adanorm.lab.tasks.parsing_plots SWEEP_DIR OUT.png [--dataset ewt]`` reads every
+``python -m adanorm.lab.tasks.parsing.plots SWEEP_DIR OUT.png [--dataset ewt]`` reads every
 finished run (``results.json`` + ``metrics.jsonl``) of LayerNorm and AdaNorm under ``SWEEP_DIR``
 and draws two panels on a linear axis against epochs, as the paper does: the per-transition
 training loss (logged every ``train.log_every`` updates, dropout on) and the per-transition
@@ -11,12 +11,12 @@ epoch (the first updates' loss is ~10x larger).
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
-from ..plots import NORM_COLORS, display_name, read_metrics
+from ... import plots as lab_plots
 
 __all__ = ["plot_figure2", "main"]
 
@@ -31,17 +31,15 @@ def _runs(sweep: Path, dataset: str) -> dict[str, list[tuple[float, list[dict]]]
         if result["dataset"] != dataset or result["norm"] not in NORMS:
             continue
         per_epoch = result["steps"] / max(result["epochs_completed"], 1)
-        out[result["norm_label"]].append((per_epoch, read_metrics(path.parent / "metrics.jsonl")))
+        records = lab_plots.read_metrics(path.parent / "metrics.jsonl")
+        out[result["norm_label"]].append((per_epoch, records))
     return out
 
 
 def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
+    plt = lab_plots.pyplot()
     runs = _runs(sweep, dataset)
     if not runs:
         raise FileNotFoundError(f"no finished LayerNorm or AdaNorm runs on {dataset} in {sweep}")
@@ -49,28 +47,19 @@ def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
     for ax, split in zip(axes, ("train", "valid"), strict=True):
         for label in sorted(runs, key=lambda lab: NORMS.index(lab.partition("(")[0])):
             members = runs[label]
-            curves = [
-                {r["step"]: r["loss"] for r in records if r.get("split") == split}
-                for _, records in members
-            ]
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            curves = [records for _, records in members]
+            steps, values = lab_plots.curves_at_common_steps(curves, split)
             if not steps:
                 continue
-            values = np.asarray([[c[s] for s in steps] for c in curves])
-            epochs = np.asarray(steps) / members[0][0]
-            color = NORM_COLORS.get(label.partition("(")[0])
-            name = f"{display_name(label)} (n={len(members)})"
-            ax.plot(
-                epochs,
-                values.mean(0),
-                color=color,
-                lw=1.6,
-                label=name,
+            lab_plots.draw_mean_band(
+                ax,
+                np.asarray(steps) / members[0][0],  # in epochs
+                values,
+                color=lab_plots.NORM_COLORS.get(label.partition("(")[0]),
+                label=f"{lab_plots.display_name(label)} (n={len(members)})",
                 marker="o" if len(steps) <= 12 else None,
-                ms=3,
+                band_alpha=0.2,
             )
-            if len(members) > 1:
-                ax.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.2, lw=0)
         if split == "train" and ax.lines:
             # The first updates (loss ~3.5) would flatten everything after them: the axis shows
             # the range from a quarter epoch on, as the paper's 0-0.30 axis does.
@@ -87,20 +76,11 @@ def plot_figure2(sweep: Path, out: Path, dataset: str = "ewt") -> Path:
         ax.set_title(f"{dataset}: {split} loss")
         ax.grid(True, alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return lab_plots.save_figure(fig, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", type=Path)
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--dataset", default="ewt")
-    args = parser.parse_args(argv)
-    print(plot_figure2(args.sweep, args.out, args.dataset))
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return lab_plots.figure_cli(__doc__.split("\n\n")[0], plot_figure2, argv, dataset="ewt")
 
 
 if __name__ == "__main__":

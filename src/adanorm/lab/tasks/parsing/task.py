@@ -1,8 +1,9 @@
 """Dependency parsing with a Chen & Manning (2014) style feed-forward transition parser.
 
-The paper's PTB column is "an MLP-based parser, 3 layers" (shared/paper.md §3.5).  Here:
+The paper's PTB column is "an MLP-based parser, 3 layers" (docs/paper.md §3.5).  Here:
 
-* arc-standard transitions with a static oracle (:mod:`adanorm.lab.tasks.parsing_data`);
+* arc-standard transitions with a static oracle (:mod:`.transitions`; treebanks read by
+  :mod:`.conll`, encoded and cached by :mod:`.data`, the MLP in :mod:`.model`);
 * C&M's 48 features (18 words, 18 POS tags, 12 arc labels over s1..s3, b1..b3 and the leftmost /
   rightmost children of s1 and s2), each embedded and concatenated;
 * **"3 layers" = three weight layers**: ``embeddings -> [Linear -> norm -> ReLU] x 2 -> Linear``,
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,118 +31,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..config import ConfigError
-from ..data import (
-    DataFile,
-    DatasetInfo,
-    data_root,
-    register_dataset,
-    require_dataset,
-    user_cache_dir,
-)
-from ..schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
-from ..task import Stats, Task, TensorDataset, add_stats, register_task, stats_to_floats
-from . import parsing_data as pd
+from ...config import ConfigError
+from ...data import data_root, require_dataset, user_cache_dir
+from ...schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
+from ...task import Stats, Task, TensorDataset, cross_entropy_stats, register_task
+from . import conll
+from . import data as pd
+from . import transitions as arc_standard
+from .model import MLPParser
 
-__all__ = ["ParsingTask", "MLPParser", "greedy_parse", "attachment_counts", "EWT_FILES"]
+__all__ = ["ParsingTask", "greedy_parse", "attachment_counts"]
 
-# --- datasets -----------------------------------------------------------------------------------
-_EWT_COMMIT = "15d613d8447b3478787d4c278730a1e48a945efb"  # UD_English-EWT, v2.16
-_EWT_RAW = f"https://raw.githubusercontent.com/UniversalDependencies/UD_English-EWT/{_EWT_COMMIT}/"
-#: split -> (file name, sha256), from shared/data/ud_english_ewt/SOURCE.md.
-EWT_FILES = {
-    "train": (
-        "en_ewt-ud-train.conllu",
-        "3fb78e2b55482c8ee00caa653af436c88c9e5bc9a73ce26e4ae3ddc79d2b7e7b",
-    ),
-    "valid": (
-        "en_ewt-ud-dev.conllu",
-        "531a54ff90d6ab12201c5a50c3e78e6ddac4de69abc4bce5d275d3cd29efe2b6",
-    ),
-    "test": (
-        "en_ewt-ud-test.conllu",
-        "e266e515a0a7547657ed3d90d9ba46487d6bd251f27ad4269d4e8a427c8555cd",
-    ),
-}
-register_dataset(
-    DatasetInfo(
-        name="ewt",
-        subdir="ud_english_ewt",
-        description="Universal Dependencies English Web Treebank v2.16 (CC BY-SA 4.0), CoNLL-U",
-        homepage="https://universaldependencies.org/treebanks/en_ewt/",
-        files=tuple(
-            DataFile(name=name, sha256=digest, urls=(_EWT_RAW + name,))
-            for name, digest in EWT_FILES.values()
-        ),
-    )
-)
 PUNCT_RULES = {
     "ewt": "punctuation = gold UPOS PUNCT",
     "ptb": "punctuation = gold PTB tag in data.punct_tags",
 }
-
-
-# --- the model ----------------------------------------------------------------------------------
-class MLPParser(nn.Module):
-    """Embeddings of the 48 features -> [Linear -> norm -> activation -> dropout] per hidden layer
-    -> Linear to transition scores.  Norms come from ``make_norm`` (the task's configured norm)."""
-
-    def __init__(
-        self,
-        num_words: int,
-        num_tags: int,
-        num_label_features: int,
-        num_transitions: int,
-        make_norm: Callable[[int], nn.Module],
-        *,
-        word_dim: int = 50,
-        tag_dim: int = 50,
-        label_dim: int = 50,
-        hidden_sizes: Sequence[int] = (200, 200),
-        activation: str = "relu",
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__()
-        if not hidden_sizes or any(int(h) <= 0 for h in hidden_sizes):
-            raise ConfigError(f"model.hidden_sizes must be positive ints, got {hidden_sizes!r}")
-        if activation not in ("relu", "cube"):
-            raise ConfigError(f"model.activation must be 'relu' or 'cube', got {activation!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}")
-        self.activation = activation
-        self.word_embed = nn.Embedding(num_words, word_dim)
-        self.tag_embed = nn.Embedding(num_tags, tag_dim)
-        self.label_embed = nn.Embedding(num_label_features, label_dim)
-        width = (
-            pd.NUM_WORD_FEATURES * word_dim
-            + pd.NUM_TAG_FEATURES * tag_dim
-            + pd.NUM_LABEL_FEATURES * label_dim
-        )
-        self.linears = nn.ModuleList()
-        self.norms = nn.ModuleList()
-        for size in hidden_sizes:
-            self.linears.append(nn.Linear(width, int(size)))
-            self.norms.append(make_norm(int(size)))
-            width = int(size)
-        self.dropout = nn.Dropout(dropout)  # never in place: norm outputs may carry hooks
-        self.output = nn.Linear(width, num_transitions)
-
-    def forward(self, features: Tensor) -> Tensor:
-        w_end = pd.NUM_WORD_FEATURES
-        t_end = w_end + pd.NUM_TAG_FEATURES
-        x = torch.cat(
-            [
-                self.word_embed(features[:, :w_end]).flatten(1),
-                self.tag_embed(features[:, w_end:t_end]).flatten(1),
-                self.label_embed(features[:, t_end:]).flatten(1),
-            ],
-            dim=1,
-        )
-        for linear, norm in zip(self.linears, self.norms, strict=True):
-            h = norm(linear(x))
-            h = torch.relu(h) if self.activation == "relu" else h * h * h
-            x = self.dropout(h)
-        return self.output(x)
 
 
 # --- decoding and scoring -----------------------------------------------------------------------
@@ -154,7 +58,7 @@ def greedy_parse(
     The UNK label (index 0, never a training target) is never predicted.
     """
     device = next(model.parameters()).device
-    states = [pd.ParseState(len(s)) for s in sentences]
+    states = [arc_standard.ParseState(len(s)) for s in sentences]
     words = [s.words.tolist() for s in sentences]
     tags = [s.tags.tolist() for s in sentences]
     num_transitions = 1 + 2 * num_labels
@@ -163,9 +67,12 @@ def greedy_parse(
     active = [i for i, st in enumerate(states) if not st.terminal]
     while active:
         feats = torch.tensor(
-            [pd.extract_features(states[i], words[i], tags[i]) for i in active], dtype=torch.long
+            [arc_standard.extract_features(states[i], words[i], tags[i]) for i in active],
+            dtype=torch.long,
         )
-        legal = torch.tensor([pd.legal_moves(states[i]) for i in active], dtype=torch.bool)
+        legal = torch.tensor(
+            [arc_standard.legal_moves(states[i]) for i in active], dtype=torch.bool
+        )
         allowed = (
             torch.cat(
                 [
@@ -180,7 +87,7 @@ def greedy_parse(
         scores = model(feats.to(device)).float().cpu()
         best = scores.masked_fill(~allowed, -math.inf).argmax(1).tolist()
         for i, transition in zip(active, best, strict=True):
-            pd.apply_transition(states[i], transition, num_labels)
+            arc_standard.apply_transition(states[i], transition, num_labels)
         active = [i for i in active if not states[i].terminal]
     return [
         (np.asarray(st.heads[1:], dtype=np.int64), np.asarray(st.labels[1:], dtype=np.int64) - 1)
@@ -240,7 +147,7 @@ class ParsingTask(Task):
             "download": Bool(False, "ewt only: fetch missing files (sha256-checked)"),
             "pos_field": Str("auto", "auto = xpos for ewt, postag for ptb",
                              choices=("auto", "upos", "xpos", "cpostag", "postag")),
-            "punct_tags": StrList(list(pd.DEFAULT_PTB_PUNCT_TAGS), "ptb only"),
+            "punct_tags": StrList(list(conll.DEFAULT_PTB_PUNCT_TAGS), "ptb only"),
             "ptb_dir": Str("", '"" = <data root>/ptb', nullable=True),
             "ptb_files": StrMap(
                 {"train": "train.conllx", "valid": "dev.conllx", "test": "test.conllx"},
@@ -303,7 +210,7 @@ class ParsingTask(Task):
             directory = require_dataset(
                 "ewt", self.data_dir, download=bool(d["download"])
             )
-            return {split: directory / name for split, (name, _) in EWT_FILES.items()}
+            return {split: directory / name for split, (name, _) in pd.EWT_FILES.items()}
         directory = Path(d["ptb_dir"] or data_root(self.data_dir) / "ptb").expanduser()
         names = d["ptb_files"]
         files = {}
@@ -350,10 +257,10 @@ class ParsingTask(Task):
                 print(f"parsing: rebuilding the unreadable feature cache ({exc})", file=sys.stderr)
         if loaded is None:
             if self.dataset_name == "ewt":
-                raw = {s: pd.read_conllu(p, pos_field) for s, p in files.items()}
+                raw = {s: conll.read_conllu(p, pos_field) for s, p in files.items()}
             else:
                 punct = self._punct_tags()
-                raw = {s: pd.read_conllx(p, pos_field, punct) for s, p in files.items()}
+                raw = {s: conll.read_conllx(p, pos_field, punct) for s, p in files.items()}
             loaded = pd.featurize_treebank(raw, self._min_word_count, self._lowercase)
             pd.save_treebank(cache_file, *loaded)
         info = loaded[2]
@@ -381,7 +288,7 @@ class ParsingTask(Task):
             return TensorDataset(torch.from_numpy(features), torch.from_numpy(transitions))
         return _Sentences(splits[split])
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         return examples  # a (features, transitions) batch, or a list of sentences
 
     def build_model(self) -> nn.Module:
@@ -403,40 +310,23 @@ class ParsingTask(Task):
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
         features, transitions = batch
-        scores = model(features).float()
-        loss = nn.functional.cross_entropy(scores, transitions)
-        n = transitions.shape[0]
-        return loss, {
-            "loss_sum": loss.detach().double() * n,
-            "correct": (scores.detach().argmax(1) == transitions).sum().double(),
-            "n": float(n),
-        }
+        return cross_entropy_stats(model(features), transitions)
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        batches: Iterable[Any],
-        reduce: Callable[[Stats], Stats],
-        autocast: Callable[[], Any],
-    ) -> dict[str, float]:
+    def eval_batch_stats(self, model: nn.Module, sentences: Any, split: str) -> Stats:
         """Oracle-transition loss (sentences the oracle can derive) and greedy-decoding UAS/LAS
         (all sentences)."""
         vocab, _, _ = self.treebank()
         device = next(model.parameters()).device
-        total: Stats = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0}
-        with torch.no_grad():
-            for sentences in batches:
-                derivable = [s for s in sentences if len(s.transitions)]
-                if derivable:
-                    features = torch.from_numpy(np.concatenate([s.features for s in derivable]))
-                    gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
-                    with autocast():
-                        _, stats = self.loss(model, (features.to(device), gold.to(device)))
-                    add_stats(total, stats)
-                with autocast():
-                    predicted = greedy_parse(model, sentences, vocab.num_labels)
-                add_stats(total, attachment_counts(sentences, predicted))
-        return self.metrics(reduce(stats_to_floats(total)))
+        # The loss's keys even for a batch without derivable sentences: every process must send
+        # the same keys to the sum over processes.
+        stats: Stats = {"loss_sum": 0.0, "correct": 0.0, "n": 0.0}
+        derivable = [s for s in sentences if len(s.transitions)]
+        if derivable:
+            features = torch.from_numpy(np.concatenate([s.features for s in derivable]))
+            gold = torch.from_numpy(np.concatenate([s.transitions for s in derivable]))
+            stats = self.loss(model, (features.to(device), gold.to(device)))[1]
+        predicted = greedy_parse(model, sentences, vocab.num_labels)
+        return {**stats, **attachment_counts(sentences, predicted)}
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..schema import DropoutRate, IntList, TaskSchema
-from ..task import ClassificationTask, TensorDataset, register_task, stack_batch
-from .vision import ConvNet
+from ...schema import DropoutRate, IntList, TaskSchema
+from ...task import ClassificationTask, TensorDataset, register_task, stack_batch
+from .model import ConvNet
 
 __all__ = ["DigitsTask", "digits_splits"]
 
@@ -78,7 +78,7 @@ class DigitsTask(ClassificationTask):
             raise ValueError(f"unknown split {split!r}")
         return TensorDataset(*_CACHE["splits"][split])
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         return stack_batch(examples)
 
     def build_model(self) -> nn.Module:

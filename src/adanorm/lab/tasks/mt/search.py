@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from .mt_model import Cache, TransformerMT
+from .model import Cache, TransformerMT
 
 __all__ = ["SearchConfig", "beam_search", "greedy_search", "sequence_log_prob"]
 

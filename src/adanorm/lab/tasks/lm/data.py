@@ -1,6 +1,6 @@
 """Character/byte corpora for language modelling: Tiny Shakespeare and enwik8, split and encoded.
 
-enwik8 comes in two protocols (``shared/notes/ecosystem.md`` §2.3), and every number says which:
+enwik8 comes in two protocols (``docs/tasks/lm.md``), and every number says which:
 
 * ``raw``: the bytes as they are, newlines kept, a 256-symbol vocabulary (x-transformers style);
   BPC is per *byte*.
@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..data import ChecksumError
+from ...data import ChecksumError, DataFile, DatasetInfo, register_dataset
 
 __all__ = [
+    "TINY_SHAKESPEARE",
+    "ENWIK8",
     "Corpus",
     "ENWIK8_PROTOCOLS",
     "ENWIK8_SPLIT",
@@ -41,6 +43,41 @@ __all__ = [
     "TrainStreams",
     "EvalStreams",
 ]
+
+TINY_SHAKESPEARE = register_dataset(
+    DatasetInfo(
+        name="tiny_shakespeare",
+        subdir="tiny_shakespeare",
+        description="Tiny Shakespeare (Karpathy, char-rnn), 1,115,394 characters",
+        homepage="https://github.com/karpathy/char-rnn",
+        files=(
+            DataFile(
+                name="input.txt",
+                sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                urls=(
+                    "https://raw.githubusercontent.com/karpathy/char-rnn/"
+                    "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
+                ),
+            ),
+        ),
+    )
+)
+
+ENWIK8 = register_dataset(
+    DatasetInfo(
+        name="enwik8",
+        subdir="enwik8",
+        description="enwik8: the first 10^8 bytes of English Wikipedia (Hutter Prize)",
+        homepage="http://mattmahoney.net/dc/textdata.html",
+        files=(
+            DataFile(
+                name="enwik8.zip",  # 36,445,475 bytes
+                sha256="547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc",
+                urls=("http://mattmahoney.net/dc/enwik8.zip",),
+            ),
+        ),
+    )
+)
 
 ENWIK8_PROTOCOLS = ("raw", "txl")
 #: Bytes in train, valid and test (the standard 90M / 5M / 5M split of the 10^8-byte file).

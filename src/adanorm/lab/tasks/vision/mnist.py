@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import require_dataset
-from ..schema import Bool, DropoutRate, IntList, TaskSchema
-from ..task import ClassificationTask, TensorDataset, register_task, stack_batch
-from .vision import ConvNet
+from ...data import require_dataset
+from ...schema import Bool, DropoutRate, IntList, TaskSchema
+from ...task import ClassificationTask, TensorDataset, register_task, stack_batch
+from .model import ConvNet
 
 __all__ = ["MnistTask", "read_idx"]
 
@@ -89,7 +89,7 @@ class MnistTask(ClassificationTask):
             return TensorDataset(test_x, test_y)
         raise ValueError(f"unknown split {split!r}")
 
-    def collate(self, examples: Any) -> Any:
+    def collate(self, examples: Any, split: str) -> Any:
         return stack_batch(examples)
 
     def build_model(self) -> nn.Module:

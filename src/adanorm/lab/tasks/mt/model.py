@@ -2,7 +2,7 @@
 
 Read top to bottom: attention (with a key/value cache for incremental decoding), the two layer
 types, the two stacks, the model.  It follows fairseq's ``transformer_iwslt_de_en`` as the paper's
-released scripts run it (``shared/paper.md`` §3.1):
+released scripts run it (``docs/paper.md`` §3.1):
 
 * sinusoidal positions, embeddings scaled by sqrt(d) and, with ``share_embeddings``, one matrix for
   the source embedding, the target embedding and the output projection (joined dictionary);
@@ -124,10 +124,25 @@ class FeedForward(nn.Module):
 
 
 class _Sublayers(nn.Module):
-    """Residual wiring shared by both layer types: pre-norm or post-norm around each sublayer."""
+    """What both layer types share: self-attention, (for the decoder) cross-attention and the FFN,
+    each with its norm, built in that order, and the residual wiring around each: pre-norm or
+    post-norm."""
 
-    pre_norm: bool
-    dropout: nn.Dropout
+    def __init__(
+        self, d_model: int, n_head: int, d_ffn: int, *, dropout: float, attention_dropout: float,
+        activation_dropout: float, pre_norm: bool, make_norm: Callable[[int], nn.Module],
+        cross_attention: bool,
+    ) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.self_attn = MultiheadAttention(d_model, n_head, attention_dropout)
+        self.self_attn_norm = make_norm(d_model)
+        if cross_attention:
+            self.cross_attn = MultiheadAttention(d_model, n_head, attention_dropout)
+            self.cross_attn_norm = make_norm(d_model)
+        self.ffn = FeedForward(d_model, d_ffn, activation_dropout)
+        self.ffn_norm = make_norm(d_model)
+        self.dropout = nn.Dropout(dropout)
 
     def _residual(self, x: Tensor, norm: nn.Module, fn: Callable[[Tensor], Tensor]) -> Tensor:
         if self.pre_norm:
@@ -136,17 +151,8 @@ class _Sublayers(nn.Module):
 
 
 class EncoderLayer(_Sublayers):
-    def __init__(
-        self, d_model: int, n_head: int, d_ffn: int, *, dropout: float, attention_dropout: float,
-        activation_dropout: float, pre_norm: bool, make_norm: Callable[[int], nn.Module],
-    ) -> None:
-        super().__init__()
-        self.pre_norm = pre_norm
-        self.self_attn = MultiheadAttention(d_model, n_head, attention_dropout)
-        self.self_attn_norm = make_norm(d_model)
-        self.ffn = FeedForward(d_model, d_ffn, activation_dropout)
-        self.ffn_norm = make_norm(d_model)
-        self.dropout = nn.Dropout(dropout)
+    def __init__(self, d_model: int, n_head: int, d_ffn: int, **kwargs: Any) -> None:
+        super().__init__(d_model, n_head, d_ffn, cross_attention=False, **kwargs)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         x = self._residual(
@@ -157,19 +163,8 @@ class EncoderLayer(_Sublayers):
 
 
 class DecoderLayer(_Sublayers):
-    def __init__(
-        self, d_model: int, n_head: int, d_ffn: int, *, dropout: float, attention_dropout: float,
-        activation_dropout: float, pre_norm: bool, make_norm: Callable[[int], nn.Module],
-    ) -> None:
-        super().__init__()
-        self.pre_norm = pre_norm
-        self.self_attn = MultiheadAttention(d_model, n_head, attention_dropout)
-        self.self_attn_norm = make_norm(d_model)
-        self.cross_attn = MultiheadAttention(d_model, n_head, attention_dropout)
-        self.cross_attn_norm = make_norm(d_model)
-        self.ffn = FeedForward(d_model, d_ffn, activation_dropout)
-        self.ffn_norm = make_norm(d_model)
-        self.dropout = nn.Dropout(dropout)
+    def __init__(self, d_model: int, n_head: int, d_ffn: int, **kwargs: Any) -> None:
+        super().__init__(d_model, n_head, d_ffn, cross_attention=True, **kwargs)
 
     def forward(
         self,

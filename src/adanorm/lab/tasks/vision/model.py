@@ -1,7 +1,7 @@
 """Image classification with the paper's small CNN, shared by the MNIST and digits tasks.
 
 The paper says only "a 3-layer CNN" for MNIST and does not say where the norm sits or what it
-normalizes (paper.md §3.4, §8).  Our choice, the natural LayerNorm analogue for convolutions:
+normalizes (docs/paper.md §3.4, §6).  Our choice, the natural LayerNorm analogue for convolutions:
 
 * three blocks ``conv 3x3 (padding 1) -> norm -> ReLU -> max-pool 2x2``, then one linear layer
   from the flattened last feature map to the classes;

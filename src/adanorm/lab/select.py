@@ -1,18 +1,20 @@
 """Choose AdaNorm's C on the validation set, then report the five norms beside the paper.
 
-The paper reports one AdaNorm number per column, with C a hyper-parameter (paper.md §3.6).  A sweep
-run with ``--scales 1,2`` holds AdaNorm at every C; this picks, per dataset, the C with the highest
-*mean validation accuracy over seeds* (test accuracy is never looked at), and writes:
+The paper reports one AdaNorm number per column, with C a hyper-parameter (docs/paper.md §3.6).  A sweep
+run with ``--scales 1,2`` holds AdaNorm at every C; this picks, per dataset, the C with the
+*best mean validation metric over seeds* (highest or lowest by the task's ``valid_mode``; the
+test metric is never looked at), and writes:
 
 * ``<out>/runs/``: the light files of every run (config, provenance, metrics, results; no
   checkpoints), so the numbers can be re-derived;
-* ``<out>/adanorm_C_selection.md``: mean validation / test accuracy per C and the chosen C;
+* ``<out>/adanorm_C_selection.md``: mean validation / test metric per C and the chosen C;
 * ``<out>/report.md``, ``report.csv``, ``loss_curves_<dataset>.png``: the lab report
   (:mod:`adanorm.lab.report`) over LayerNorm, LayerNorm-simple, w/o Norm, DetachNorm and AdaNorm
   at the chosen C;
 * ``<out>/all_scales/``: the same report with every C as its own row.
 
-Usage: ``python -m adanorm.lab.tasks.textcls_select SWEEP_DIR OUT_DIR``.
+Usage: ``python -m adanorm.lab.select SWEEP_DIR OUT_DIR`` (any task: text classification and the
+converged columns of ``results/converge`` use it).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_write_text
-from ..report import collect_runs, label_settings, write_report
+from .checkpoint import atomic_write_text
+from .report import collect_runs, label_settings, write_report
 
 __all__ = ["choose_scales", "select_and_report"]
 
@@ -103,14 +105,18 @@ def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
         relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
         _copy_light(Path(run["run_dir"]), runs_out / relative)
 
+    valid_metric, test_metric = runs[0]["valid_metric"], runs[0]["test_metric"]
+    best = "highest" if runs[0].get("valid_mode", "max") == "max" else "lowest"
+    valid_name = "accuracy" if valid_metric == "acc" else valid_metric
     lines = [
         "# AdaNorm's C, chosen on the validation set",
         "",
-        "Per dataset, the C with the highest mean validation accuracy over seeds (ties: the "
-        "smaller C). Test accuracy is shown for information only; it played no part in the "
-        "choice.",
+        f"Per dataset, the C with the {best} mean validation {valid_name} over seeds (ties: the "
+        f"smaller C). Test {'accuracy' if test_metric == 'acc' else test_metric} is shown for "
+        "information only; it played no part in the choice.",
         "",
-        "| dataset | C | seeds | valid acc (mean ± std) | test acc (mean ± std) | chosen |",
+        f"| dataset | C | seeds | valid {valid_metric} (mean ± std) | test {test_metric} "
+        "(mean ± std) | chosen |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chosen = select_and_report(args.sweep_dir, args.out)
     for dataset, scale in sorted(chosen.items()):
-        print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation accuracy)")
+        print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation metric)")
     return 0
 
 

@@ -2,20 +2,24 @@
 
 Task, model and criterion in fairseq's split, without fairseq:
 
-* **data** (:mod:`.mt_data`): Moses tokenization, joint BPE, length filtering and a binarized cache
-  per recipe (``multi30k``, ``iwslt14_de_en``, ``iwslt15_en_vi``, ``wmt14_en_de``);
+* **data** (:mod:`.data`, :mod:`.recipes`, :mod:`.bpe`): Moses tokenization, joint BPE, length
+  filtering and a binarized cache per recipe (``multi30k``, ``iwslt14_de_en``,
+  ``iwslt15_en_vi``, ``wmt14_en_de``);
 * **batches by token count**: sentences sorted by length are cut into batches of at most
   ``data.max_tokens`` padded tokens (``sentences * max(src_len, tgt_len)``, fairseq's rule).  The
-  batches are built once, so one dataset *example* is one such batch; the trainer shuffles them
-  per epoch and ``optim.accum_steps`` is fairseq's ``--update-freq``.  ``data.batch_size`` counts
-  token batches per micro-step over all processes: set it to the number of DDP processes;
-* **model** (:mod:`.mt_model`): the encoder-decoder Transformer, every norm from ``make_norm``;
+  batches are built once, so one dataset *example* is one such batch
+  (:attr:`~adanorm.lab.task.Task.examples_are_batches`): the trainer shuffles them per epoch and
+  gives each process one per micro-step, and ``optim.accum_steps`` is fairseq's
+  ``--update-freq``.  ``data.batch_size`` and ``data.eval_batch_size`` (examples per micro-step
+  in every other task) are refused: ``data.max_tokens`` and ``data.eval_max_tokens`` size the
+  batches;
+* **model** (:mod:`.model`): the encoder-decoder Transformer, every norm from ``make_norm``;
 * **criterion**: label-smoothed cross-entropy (``model.label_smoothing``), the mean over the
   target tokens of each micro-batch;
 * **validation** is the label-smoothed loss (fairseq's checkpoint criterion: the best checkpoint is
   the one with the lowest validation loss);
-* **test** decodes with beam search (:mod:`.mt_search`: ``generation.*``) and scores BLEU two ways,
-  each labelled where it is reported:
+* **test** decodes with beam search (:mod:`.search`: ``generation.*``) and scores BLEU two ways
+  (:mod:`.bleu`), each labelled where it is reported:
 
   - ``bleu``: *tokenized BLEU* — BPE removed, Moses-tokenized (and lower-cased when the recipe
     lower-cases) hypotheses against the equally processed references, BLEU-4 without smoothing
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,85 +45,27 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..checkpoint import atomic_write_text
-from ..data import data_root, user_cache_dir
-from ..schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
-from ..task import Stats, Task, register_task
-from .mt_data import (
-    BPE_METHODS,
+from ...checkpoint import atomic_write_text
+from ...data import data_root, user_cache_dir
+from ...schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
+from ...task import Stats, Task, register_task
+from .batching import TokenBatches, batches_by_tokens
+from .bleu import (
     SACREBLEU_SMOOTH,
     Postprocessor,
-    PreparedCorpus,
-    _resolve_options,
     bleu_from_statistics,
     bleu_statistics,
-    prepare_corpus,
     sacrebleu_signature,
 )
-from .mt_model import TransformerMT
-from .mt_search import SearchConfig, beam_search
+from .bpe import BPE_METHODS
+from .data import PreparedCorpus, prepare_corpus, resolve_options
+from .model import TransformerMT
+from .search import SearchConfig, beam_search
 
-__all__ = ["MTTask", "TokenBatches", "batches_by_tokens"]
-
-_SPLIT_MARKERS = {"train": -1, "valid": -2, "test": -3}
-_MARKER_SPLITS = {v: k for k, v in _SPLIT_MARKERS.items()}
+__all__ = ["MTTask"]
 
 # Prepared corpora per (recipe config, data root): preparing Multi30k takes a while.
 _CORPORA: dict[tuple[str, str], PreparedCorpus] = {}
-
-
-def batches_by_tokens(
-    src_lengths: Sequence[int],
-    tgt_lengths: Sequence[int],
-    max_tokens: int,
-    *,
-    max_sentences: int = 0,
-    order: Sequence[int] | None = None,
-) -> list[list[int]]:
-    """Cut sentences into batches of at most ``max_tokens`` padded tokens.
-
-    Sentences are taken in ``order`` (default: sorted by target then source length, so that a
-    batch holds sentences of similar length and little padding), and a batch closes when one more
-    sentence would make ``sentences * max(longest source, longest target)`` exceed
-    ``max_tokens``, or reach ``max_sentences`` (> 0).  A single sentence longer than
-    ``max_tokens`` is an error: it could never be trained on.
-    """
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-    if order is None:
-        order = sorted(range(len(src_lengths)), key=lambda i: (tgt_lengths[i], src_lengths[i]))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for index in order:
-        size = max(src_lengths[index], tgt_lengths[index])
-        if size > max_tokens:
-            raise ValueError(
-                f"sentence {index} has {size} tokens (with eos), more than data.max_tokens="
-                f"{max_tokens}; raise max_tokens or lower data.max_len"
-            )
-        full = max_sentences > 0 and len(current) >= max_sentences
-        if current and ((len(current) + 1) * max(longest, size) > max_tokens or full):
-            batches.append(current)
-            current, longest = [], 0
-        current.append(index)
-        longest = max(longest, size)
-    if current:
-        batches.append(current)
-    return batches
-
-
-class TokenBatches(Dataset):
-    """A list of sentence-index batches: item ``i`` is the ``i``-th batch (a list of indices)."""
-
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> list[int]:
-        return self.batches[index]
 
 
 @register_task("mt")
@@ -127,7 +73,7 @@ class MTTask(Task):
     datasets = ("multi30k", "iwslt14_de_en", "iwslt15_en_vi", "wmt14_en_de")
     # Defaults: the paper preset (presets/mt/paper.yaml, the authors' IWSLT14 recipe).  Keys
     # whose default belongs to the recipe named by data.name (languages, lower-casing, BPE size,
-    # Moses escaping) have NO_DEFAULT: absent means the recipe's value (mt_data._RECIPES).
+    # Moses escaping) have NO_DEFAULT: absent means the recipe's value (recipes.RECIPE_BY_NAME).
     config_schema = TaskSchema(
         data={
             "src_lang": Str(NO_DEFAULT, "null: the recipe's", nullable=True),
@@ -173,7 +119,14 @@ class MTTask(Task):
             "max_len_a": Float(0.0, "max length = a * source length + b", low=0.0),
             "max_len_b": Int(200, low=1),
         },
+        refused={
+            "data.batch_size": "translation batches by tokens; set data.max_tokens (padded "
+            "tokens per micro-batch and process) instead",
+            "data.eval_batch_size": "translation batches by tokens; set data.eval_max_tokens "
+            "instead",
+        },
     )
+    examples_are_batches = True
     valid_metric = "loss"
     valid_mode = "min"
     test_metric = "bleu"
@@ -182,7 +135,7 @@ class MTTask(Task):
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)
         data = cfg["data"]
-        _resolve_options(data)  # the recipe's checks across keys (languages), before any data
+        resolve_options(data)  # the recipe's checks across keys (languages), before any data
         self.max_tokens = int(data["max_tokens"])
         self.eval_max_tokens = int(data["eval_max_tokens"])
         self.decode_max_sentences = int(data["decode_max_sentences"])
@@ -239,19 +192,15 @@ class MTTask(Task):
                 src_lengths, tgt_lengths, self.eval_max_tokens,
                 max_sentences=self.decode_max_sentences, order=order,
             )
-        # Collate sees only indices: each batch ends with a marker naming its split.
-        marker = _SPLIT_MARKERS[split]
-        return TokenBatches([batch + [marker] for batch in batches])
+        return TokenBatches(batches)
 
     def _pad(self, sequences: list[Tensor]) -> Tensor:
         pad = self.corpus().dictionary.pad
         return nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad)
 
-    def collate(self, examples: Any) -> dict[str, Any]:
+    def collate(self, examples: Any, split: str) -> dict[str, Any]:
         groups = [examples] if examples and isinstance(examples[0], int) else list(examples)
-        split = _MARKER_SPLITS[groups[0][-1]]
-        decode = split == "test"
-        indices = [i for group in groups for i in group[:-1]]
+        indices = [i for group in groups for i in group]
         d = self.corpus().dictionary
         data = self.corpus().splits[split]
         eos = torch.tensor([d.eos])
@@ -261,7 +210,7 @@ class MTTask(Task):
         prev = self._pad([torch.cat([bos, data.tgt[i]]) for i in indices])
         # Counted here, on the host, so that the loss never waits for the device to count them.
         return {"src": src, "prev": prev, "target": target,
-                "index": torch.tensor(indices), "decode": decode,
+                "index": torch.tensor(indices),
                 "target_tokens": int(target.ne(d.pad).sum()),
                 "src_tokens": int(src.ne(d.pad).sum())}
 
@@ -319,10 +268,10 @@ class MTTask(Task):
         return out
 
     # --- evaluation -----------------------------------------------------------------------------
-    def eval_batch_stats(self, model: nn.Module, batch: Mapping[str, Any]) -> Stats:
+    def eval_batch_stats(self, model: nn.Module, batch: Mapping[str, Any], split: str) -> Stats:
         """Valid: the loss.  Test: the loss, then beam search and both BLEUs' statistics."""
         stats = self.loss(model, batch)[1]
-        if batch["decode"]:
+        if split == "test":
             stats.update(self._translate(model, batch))
         return stats
 
