@@ -1,8 +1,8 @@
 """Choose AdaNorm's C on the validation set, then report the five norms beside the paper.
 
-The paper reports one AdaNorm number per column, with C a hyper-parameter (docs/paper.md §3.6).  A sweep
-run with ``--scales 1,2`` holds AdaNorm at every C; this picks, per dataset, the C with the
-*best mean validation metric over seeds* (highest or lowest by the task's ``valid_mode``; the
+The paper reports one AdaNorm number per column, with C a hyper-parameter (docs/paper.md §3.6).
+A sweep run with ``--scales 1,2`` holds AdaNorm at every C; this picks, per dataset, the C with
+the *best mean validation metric over seeds* (highest or lowest by the task's ``valid_mode``; the
 test metric is never looked at), and writes:
 
 * ``<out>/runs/``: the light files of every run (config, provenance, metrics, results; no
