@@ -680,7 +680,7 @@ def copy_bandwidth() -> float:
 
 
 def end_to_end(rounds: int = 5, steps: int = 8) -> dict:
-    from adanorm.lab.tasks.lm_model import TransformerXL
+    from adanorm.lab.tasks.lm.model import TransformerXL
 
     batch, tgt_len, mem_len = 22, 512, 512
     models, optimizers, mems = {}, {}, {}
