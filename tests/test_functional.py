@@ -604,8 +604,8 @@ def test_cuda_route_normalizes_every_trailing_dimension(monkeypatch):
     monkeypatch.setattr(AF, "select_backend", lambda *a, **k: (AF.CUDA_CPP, "test"))
     monkeypatch.setattr(_kernels, "cuda_backend", lambda *a, **k: "cuda-cpp")
 
-    def rows_only(x, eps, unbiased, detach_mean, detach_std, scale, k, kernel=None):
-        return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
+    def rows_only(x, flags, kernel=None):
+        return torch.ops.adanorm.norm.default(x, *flags)
 
     monkeypatch.setattr(_kernels, "cuda_norm", rows_only)
     x = torch.randn(3, 4, 6)

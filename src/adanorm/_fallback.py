@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._checks import _LOW_PRECISION
+from ._kernels import NormFlags
 from .reference import normalize_ref
 
 # ------------------------------------------------------------------------------------------------
@@ -131,12 +132,7 @@ def _reference_grads(
     weight: Tensor | None,
     bias: Tensor | None,
     needs: tuple[bool, bool, bool],
-    eps: float,
-    unbiased: bool,
-    detach_mean: bool,
-    detach_std: bool,
-    scale: float | None,
-    k: float,
+    flags: NormFlags,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Input/weight/bias gradients as differentiable functions of ``grad_out``, ``x2d`` and the
     parameters, through :func:`adanorm.reference.normalize_ref` (float64 arithmetic): what a
@@ -146,10 +142,10 @@ def _reference_grads(
     wanted = [t for t, need in zip(sources, needs, strict=True) if need and t is not None]
     with torch.enable_grad():
         out = normalize_ref(
-            x2d, x2d.shape[-1], weight, bias, eps,
-            std_mode="unbiased" if unbiased else "biased",
-            detach_mean=detach_mean, detach_std=detach_std, scale=scale, k=k,
-            compute_dtype=torch.float64,
+            x2d, x2d.shape[-1], weight, bias, flags.eps,
+            std_mode="unbiased" if flags.unbiased else "biased",
+            detach_mean=flags.detach_mean, detach_std=flags.detach_std, scale=flags.scale,
+            k=flags.k, compute_dtype=torch.float64,
         )
         grads = iter(
             torch.autograd.grad(
@@ -175,13 +171,9 @@ class _NormFunction(torch.autograd.Function):
         x2d: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        eps: float,
-        unbiased: bool,
-        detach_mean: bool,
-        detach_std: bool,
-        scale: float | None,
-        k: float,
+        flags: NormFlags,
     ) -> Tensor:
+        eps, unbiased, detach_mean, detach_std, scale, k = flags
         out_dtype = x2d.dtype
         xc = x2d.to(_compute_dtype(out_dtype))
         y, mean, rstd, rho, inv_unit = _row_statistics(xc, eps, unbiased)
@@ -206,7 +198,7 @@ class _NormFunction(torch.autograd.Function):
             bias,
             inv_unit,
         )
-        ctx.flags = (eps, unbiased, detach_mean, detach_std, scale, k)
+        ctx.flags = flags
         return out.to(out_dtype)
 
     @staticmethod
@@ -215,20 +207,18 @@ class _NormFunction(torch.autograd.Function):
         eps, unbiased, detach_mean, detach_std, scale, k = ctx.flags
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         compute_dtype = rstd.dtype
-        none6 = (None,) * 6
         # The true 1/sigma; rescaled rows carry their unit separately (see _scaled_statistics).
         true_rstd = rstd if inv_unit is None else rstd * inv_unit
 
         if x2d is None:  # DetachNorm: both statistics constant, dx = g / sigma, linear in g.
             grad_x = (grad_out.to(compute_dtype) * true_rstd).to(grad_out.dtype)
-            return grad_x, None, None, *none6
+            return grad_x, None, None, None
 
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             grads = _reference_grads(
-                grad_out, x2d, weight, bias, (need_x, need_w, need_b), eps, unbiased,
-                detach_mean, detach_std, scale, k,
+                grad_out, x2d, weight, bias, (need_x, need_w, need_b), ctx.flags
             )
-            return *grads, *none6
+            return *grads, None
 
         g = grad_out.to(compute_dtype)
         xc = x2d.to(compute_dtype)
@@ -252,4 +242,4 @@ class _NormFunction(torch.autograd.Function):
                     proj = proj * rho
                 grad_x = grad_x - y * proj
             grad_x = (grad_x * true_rstd).to(grad_out.dtype)
-        return grad_x, grad_weight, grad_bias, *none6
+        return grad_x, grad_weight, grad_bias, None

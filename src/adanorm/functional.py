@@ -125,12 +125,13 @@ def _normalize(
             weight, bias = weight.view(shape), bias.view(shape)
         return F.layer_norm(input, shape, weight, bias, eps)
 
+    flags = _kernels.NormFlags(eps, unbiased, detach_mean, detach_std, scale, k)
     if backend in (CUDA_CPP, TRITON):
         # The CUDA kernels take any leading shape: no reshape, so no view nodes in the graph,
         # unless several trailing dimensions are normalized (the kernels normalize the last).
         kernel = _kernels.cuda_backend(width, input.element_size(), input.numel())
         rows = input if len(shape) == 1 else input.reshape(-1, width)
-        out = _kernels.cuda_norm(rows, eps, unbiased, detach_mean, detach_std, scale, k, kernel)
+        out = _kernels.cuda_norm(rows, flags, kernel)
         if out is not None:
             if len(shape) > 1:
                 out = out.view_as(input)
@@ -142,7 +143,7 @@ def _normalize(
     two_d = input.dim() == 2  # (reshape and view cost microseconds of Python each)
     x2d = input if two_d else input.reshape(-1, width)
     if backend == CPP:
-        out = torch.ops.adanorm.norm(x2d, eps, unbiased, detach_mean, detach_std, scale, k)
+        out = torch.ops.adanorm.norm(x2d, *flags)
     if backend == FALLBACK:
         if affine:  # (F.layer_norm checks them itself on the native path)
             _check_affine(weight, bias, shape)
@@ -150,12 +151,7 @@ def _normalize(
             x2d,
             None if weight is None else weight.reshape(width),
             None if bias is None else bias.reshape(width),
-            eps,
-            unbiased,
-            detach_mean,
-            detach_std,
-            scale,
-            k,
+            flags,
         )
     if not compiling:
         _record(

@@ -74,9 +74,9 @@ class NormBase(nn.Module):
                 routes.clear()
         super().__setattr__(name, value)
 
-    # (eps, unbiased, detach_mean, detach_std, scale, k) of adanorm::norm, and whether the
-    # functional form prefers the fused kernel over native for plain LayerNorm-simple.
-    def _op_arguments(self) -> tuple[float, bool, bool, bool, float | None, float]:
+    # The adanorm::norm arguments of this variant, and whether the functional form prefers the
+    # fused kernel over native for plain LayerNorm-simple.
+    def _op_arguments(self) -> _kernels.NormFlags:
         raise NotImplementedError
 
     _prefer_fused = False
@@ -133,6 +133,18 @@ class NormBase(nn.Module):
         if input.dim() == 2 and len(shape) == 1:
             return _NORM_OP(input, *arguments)
         return _NORM_OP(input.reshape(-1, math.prod(shape)), *arguments).view_as(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = self._fused_forward(input)
+        if out is not None:
+            return out
+        # The functional form of this variant (layer_norm_simple, detach_norm or ada_norm): the
+        # same validation, backend choice and fallback, from the op arguments the module holds.
+        flags = self._op_arguments()
+        return AF._normalize(
+            input, self.normalized_shape, None, None, self.eps, self.std_mode, flags.detach_mean,
+            flags.detach_std, flags.scale, flags.k, flags.scale is not None, self._prefer_fused,
+        )
 
     def extra_repr(self) -> str:
         text = f"{self.normalized_shape}, eps={self.eps}"
@@ -264,14 +276,9 @@ class LayerNormSimple(NormBase):
 
     _prefer_fused = True
 
-    def _op_arguments(self) -> tuple[float, bool, bool, bool, float | None, float]:
-        return (self.eps, self.std_mode == "unbiased", False, False, None, 0.1)
+    def _op_arguments(self) -> _kernels.NormFlags:
+        return _kernels.NormFlags(self.eps, self.std_mode == "unbiased", False, False, None, 0.1)
 
-    def forward(self, input: Tensor) -> Tensor:
-        out = self._fused_forward(input)
-        if out is not None:
-            return out
-        return AF.layer_norm_simple(input, self.normalized_shape, self.eps, std_mode=self.std_mode)
 
 
 class DetachNorm(NormBase):
@@ -324,21 +331,9 @@ class DetachNorm(NormBase):
         self.detach_mean = bool(detach_mean)
         self.detach_std = bool(detach_std)
 
-    def _op_arguments(self) -> tuple[float, bool, bool, bool, float | None, float]:
-        return (self.eps, self.std_mode == "unbiased", self.detach_mean, self.detach_std, None,
-                0.1)
-
-    def forward(self, input: Tensor) -> Tensor:
-        out = self._fused_forward(input)
-        if out is not None:
-            return out
-        return AF.detach_norm(
-            input,
-            self.normalized_shape,
-            self.eps,
-            std_mode=self.std_mode,
-            detach_mean=self.detach_mean,
-            detach_std=self.detach_std,
+    def _op_arguments(self) -> _kernels.NormFlags:
+        return _kernels.NormFlags(
+            self.eps, self.std_mode == "unbiased", self.detach_mean, self.detach_std, None, 0.1
         )
 
     def extra_repr(self) -> str:
@@ -400,20 +395,9 @@ class AdaNorm(NormBase):
         self.scale = scale
         self.k = k
 
-    def _op_arguments(self) -> tuple[float, bool, bool, bool, float | None, float]:
-        return (self.eps, self.std_mode == "unbiased", False, False, self.scale, self.k)
-
-    def forward(self, input: Tensor) -> Tensor:
-        out = self._fused_forward(input)
-        if out is not None:
-            return out
-        return AF.ada_norm(
-            input,
-            self.normalized_shape,
-            self.eps,
-            scale=self.scale,
-            k=self.k,
-            std_mode=self.std_mode,
+    def _op_arguments(self) -> _kernels.NormFlags:
+        return _kernels.NormFlags(
+            self.eps, self.std_mode == "unbiased", False, False, self.scale, self.k
         )
 
     def extra_repr(self) -> str:

@@ -38,11 +38,12 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
+    "NormFlags",
     "cpu_kernels_ready",
     "cpu_kernels_loaded",
     "cpu_status",
@@ -59,6 +60,20 @@ __all__ = [
     "build_directory",
     "SOURCE_PATH",
 ]
+
+
+
+class NormFlags(NamedTuple):
+    """The non-tensor arguments of the ``adanorm::norm`` operators, in their schema's order: every
+    variant is one of these (LayerNorm-simple: no detach, ``scale`` None; AdaNorm: ``scale`` C)."""
+
+    eps: float
+    unbiased: bool
+    detach_mean: bool
+    detach_std: bool
+    scale: float | None
+    k: float
+
 
 SOURCE_PATH = Path(__file__).with_name("norm_cpu.cpp")
 _DISABLE_ENV = "ADANORM_DISABLE_EXTENSION"
@@ -544,16 +559,7 @@ def cuda_backend(width: int, element_size: int = 4, numel: int = 0) -> str | Non
     return "triton" if triton else None
 
 
-def cuda_norm(
-    x: torch.Tensor,
-    eps: float,
-    unbiased: bool,
-    detach_mean: bool,
-    detach_std: bool,
-    scale: float | None,
-    k: float,
-    kernel: str | None = None,
-) -> torch.Tensor | None:
+def cuda_norm(x: torch.Tensor, flags: NormFlags, kernel: str | None = None) -> torch.Tensor | None:
     """The fused CUDA kernels on a CUDA tensor normalized over its last dimension (any leading
     shape), or None where none applies (rows too wide).  ``kernel`` is :func:`cuda_backend`'s
     choice for ``x`` when the caller already made it.  Call only after
@@ -561,9 +567,8 @@ def cuda_norm(
     if kernel is None:
         kernel = cuda_backend(x.shape[-1], x.element_size(), x.numel())
     if kernel == "cuda-cpp":
-        return torch.ops.adanorm.norm.default(x, eps, unbiased, detach_mean, detach_std, scale, k)
+        return torch.ops.adanorm.norm.default(x, *flags)
     if kernel == "triton":
         rows = x.reshape(-1, x.shape[-1])
-        out = _triton_module.norm(rows, eps, unbiased, detach_mean, detach_std, scale, k)
-        return out.view(x.shape)
+        return _triton_module.norm(rows, *flags).view(x.shape)
     return None

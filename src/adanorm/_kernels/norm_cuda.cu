@@ -55,6 +55,19 @@ constexpr float kRescaleAbove = 1.0e15f;
 
 // ---- row reductions -----------------------------------------------------------------------------
 
+// The butterfly over one warp's 32 lanes: every lane ends with the warp's result.
+template <bool kLastMax, int N>
+__device__ __forceinline__ void warp_reduce(float (&v)[N]) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, v[i], offset);
+      v[i] = (kLastMax && i == N - 1) ? fmaxf(v[i], other) : v[i] + other;
+    }
+  }
+}
+
 // Reduces N per-thread values over the threads of one row at once: sums, and a max in the last
 // slot when kLastMax.  A warp-per-row row needs shuffles only; a block-per-row row adds one
 // shared-memory round with a single barrier: every warp then reduces the warps' partials itself,
@@ -64,14 +77,7 @@ constexpr float kRescaleAbove = 1.0e15f;
 // the butterfly pairs lanes symmetrically), so branches on the result are uniform.
 template <bool kWarpRow, bool kLastMax, int N>
 __device__ __forceinline__ void row_reduce(float (&v)[N], float* scratch) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float other = __shfl_xor_sync(0xffffffffu, v[i], offset);
-      v[i] = (kLastMax && i == N - 1) ? fmaxf(v[i], other) : v[i] + other;
-    }
-  }
+  warp_reduce<kLastMax>(v);
   if constexpr (!kWarpRow) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -83,14 +89,7 @@ __device__ __forceinline__ void row_reduce(float (&v)[N], float* scratch) {
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < N; ++i) v[i] = lane < warps ? scratch[i * kMaxWarps + lane] : 0.f;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float other = __shfl_xor_sync(0xffffffffu, v[i], offset);
-        v[i] = (kLastMax && i == N - 1) ? fmaxf(v[i], other) : v[i] + other;
-      }
-    }
+    warp_reduce<kLastMax>(v);
   }
 }
 
@@ -485,16 +484,40 @@ void check_input(const at::Tensor& t, const char* name) {
               "adanorm CUDA kernels take float32, float16 or bfloat16, got ", type);
 }
 
+// A checked input made contiguous and seen as rows of its last dimension, its device current for
+// the caller's scope (the copy that makes a strided input contiguous runs on that device).
+struct Rows {
+  Rows(const at::Tensor& t_in, const char* name)
+      : guard((check_input(t_in, name), t_in.device())),
+        t(t_in.contiguous()),
+        n(t.size(-1)),
+        rows(t.numel() / n) {}
+  const c10::cuda::CUDAGuard guard;
+  const at::Tensor t;
+  const int64_t n;
+  const int64_t rows;
+};
+
+// AdaNorm's z = c*y - ck*y^2 (c = C, ck = C*k); the other variants ignore c and ck.
+struct AdaConstants {
+  bool ada;
+  float c;
+  float ck;
+};
+
+AdaConstants ada_constants(std::optional<double> scale, double k) {
+  return {scale.has_value(), static_cast<float>(scale.value_or(1.0)),
+          static_cast<float>(scale.value_or(1.0) * k)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(const at::Tensor& x_in,
                                                                  double eps, bool unbiased,
                                                                  std::optional<double> scale,
                                                                  double k) {
-  check_input(x_in, "x");
-  const c10::cuda::CUDAGuard guard(x_in.device());
   // A misaligned contiguous view is read element by element rather than copied.
-  const at::Tensor x = x_in.contiguous();
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.numel() / n;
+  const Rows input(x_in, "x");
+  const at::Tensor& x = input.t;
+  const int64_t n = input.n, rows = input.rows;
   at::Tensor out = at::empty_like(x);
   at::Tensor mean = at::empty({rows}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
@@ -503,9 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(const at::Tenso
   const Launch launch = launch_for(
       n, x.element_size(), aligned16(x.const_data_ptr()) && aligned16(out.const_data_ptr()));
   const Grid grid = grid_for(launch, rows);
-  const float c = static_cast<float>(scale.value_or(1.0));
-  const float ck = static_cast<float>(scale.value_or(1.0) * k);
-  const bool ada = scale.has_value();
+  const AdaConstants ada = ada_constants(scale, k);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ADANORM_DISPATCH_TYPES(x.scalar_type(), [&] {
     dispatch_launch<scalar_t>(launch, [&](auto vec, auto kv, auto warp_row) {
@@ -513,7 +534,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_forward_cuda(const at::Tenso
                      decltype(warp_row)::value><<<grid.blocks, grid.threads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
           mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), rows,
-          static_cast<int>(n), static_cast<float>(eps), unbiased, ada, c, ck);
+          static_cast<int>(n), static_cast<float>(eps), unbiased, ada.ada, ada.c, ada.ck);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -525,11 +546,9 @@ at::Tensor norm_backward_cuda(const at::Tensor& grad_in, const std::optional<at:
                               const at::Tensor& rstd_in, double eps, bool unbiased,
                               bool detach_mean, bool detach_std, std::optional<double> scale,
                               double k) {
-  check_input(grad_in, "grad");
-  const c10::cuda::CUDAGuard guard(grad_in.device());
-  const at::Tensor grad = grad_in.contiguous();
-  const int64_t n = grad.size(-1);
-  const int64_t rows = grad.numel() / n;
+  const Rows input(grad_in, "grad");
+  const at::Tensor& grad = input.t;
+  const int64_t n = input.n, rows = input.rows;
   at::Tensor dx = at::empty_like(grad);
   if (rows == 0) return dx;
   at::Tensor x;
@@ -550,9 +569,7 @@ at::Tensor norm_backward_cuda(const at::Tensor& grad_in, const std::optional<at:
               "adanorm CUDA backward: rstd must be float32 with one entry per row");
   const Launch launch = launch_for(n, grad.element_size(), aligned);
   const Grid grid = grid_for(launch, rows);
-  const float c = static_cast<float>(scale.value_or(1.0));
-  const float ck = static_cast<float>(scale.value_or(1.0) * k);
-  const bool ada = scale.has_value();
+  const AdaConstants ada = ada_constants(scale, k);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   ADANORM_DISPATCH_TYPES(grad.scalar_type(), [&] {
     const scalar_t* x_ptr = x.defined() ? x.const_data_ptr<scalar_t>() : nullptr;
@@ -561,7 +578,7 @@ at::Tensor norm_backward_cuda(const at::Tensor& grad_in, const std::optional<at:
                       decltype(warp_row)::value><<<grid.blocks, grid.threads, 0, stream>>>(
           grad.const_data_ptr<scalar_t>(), x_ptr, rstd.const_data_ptr<float>(),
           dx.mutable_data_ptr<scalar_t>(), rows, static_cast<int>(n), static_cast<float>(eps),
-          unbiased, ada, detach_mean, detach_std, c, ck);
+          unbiased, ada.ada, detach_mean, detach_std, ada.c, ada.ck);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -229,6 +229,12 @@ def EpochOrInt(default: Any, help: str = "") -> Field:  # noqa: N802
     return Field("epoch_or_int", default, help)
 
 
+def Sizes(**defaults: int) -> dict[str, Field]:  # noqa: N802
+    """Integer keys that must be >= 1 (widths, depths, head counts), each with its default: the
+    model sections declare runs of these."""
+    return {name: Int(default, low=1) for name, default in defaults.items()}
+
+
 def DropoutRate(default: float, help: str = "") -> Field:  # noqa: N802
     """A dropout probability: in [0, 1)."""
     return Float(default, help, low=0.0, high=1.0, high_open=True)

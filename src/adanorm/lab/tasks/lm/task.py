@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from ...data import require_dataset
-from ...schema import Bool, DropoutRate, Int, Str, TaskSchema
+from ...schema import Bool, DropoutRate, Int, Sizes, Str, TaskSchema
 from ...task import Stats, Task, register_task
 from .data import (
     ENWIK8_PROTOCOLS,
@@ -65,6 +65,11 @@ _CORPORA: dict[tuple[str, str, str], Corpus] = {}
 @register_task("lm")
 class LMTask(Task):
     datasets = ("tiny_shakespeare", "enwik8")
+    valid_metric = "bpc"
+    valid_mode = "min"
+    test_metric = "bpc"
+    test_metric_label = "BPC"
+
     # Defaults: the paper preset (presets/lm/paper.yaml: Transformer-XL base on enwik8).
     config_schema = TaskSchema(
         data={
@@ -77,11 +82,7 @@ class LMTask(Task):
             "download": Bool(False, "fetch missing files into the data root (sha256-checked)"),
         },
         model={
-            "n_layer": Int(12, low=1),
-            "d_model": Int(512, low=1),
-            "n_head": Int(8, low=1),
-            "d_head": Int(64, low=1),
-            "d_inner": Int(2048, low=1),
+            **Sizes(n_layer=12, d_model=512, n_head=8, d_head=64, d_inner=2048),
             "dropout": DropoutRate(0.1),
             "dropatt": DropoutRate(0.0),
             "pre_norm": Bool(False, "the reference is post-norm"),
@@ -99,10 +100,6 @@ class LMTask(Task):
             "eval_same_length": Bool(True),
         },
     )
-    valid_metric = "bpc"
-    valid_mode = "min"
-    test_metric = "bpc"
-    test_metric_label = "BPC"
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)

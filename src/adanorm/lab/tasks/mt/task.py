@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from ...checkpoint import atomic_write_text
 from ...data import data_root, user_cache_dir
-from ...schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Str, TaskSchema
+from ...schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Sizes, Str, TaskSchema
 from ...task import Stats, Task, register_task
 from .batching import TokenBatches, batches_by_tokens
 from .bleu import (
@@ -71,6 +71,11 @@ _CORPORA: dict[tuple[str, str], PreparedCorpus] = {}
 @register_task("mt")
 class MTTask(Task):
     datasets = ("multi30k", "iwslt14_de_en", "iwslt15_en_vi", "wmt14_en_de")
+    valid_metric = "loss"
+    valid_mode = "min"
+    test_metric = "bleu"
+    test_metric_label = "tokenized BLEU"
+
     # Defaults: the paper preset (presets/mt/paper.yaml, the authors' IWSLT14 recipe).  Keys
     # whose default belongs to the recipe named by data.name (languages, lower-casing, BPE size,
     # Moses escaping) have NO_DEFAULT: absent means the recipe's value (recipes.RECIPE_BY_NAME).
@@ -100,11 +105,7 @@ class MTTask(Task):
             "download": Bool(False, "multi30k only: fetch missing files (sha256-checked)"),
         },
         model={
-            "d_model": Int(512, low=1),
-            "d_ffn": Int(1024, low=1),
-            "n_head": Int(4, low=1),
-            "enc_layers": Int(6, low=1),
-            "dec_layers": Int(6, low=1),
+            **Sizes(d_model=512, d_ffn=1024, n_head=4, enc_layers=6, dec_layers=6),
             "dropout": DropoutRate(0.3),
             "attention_dropout": DropoutRate(0.1),
             "activation_dropout": DropoutRate(0.1),
@@ -127,10 +128,6 @@ class MTTask(Task):
         },
     )
     examples_are_batches = True
-    valid_metric = "loss"
-    valid_mode = "min"
-    test_metric = "bleu"
-    test_metric_label = "tokenized BLEU"
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)

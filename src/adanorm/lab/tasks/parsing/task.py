@@ -33,7 +33,17 @@ from torch.utils.data import Dataset
 
 from ...config import ConfigError
 from ...data import data_root, require_dataset, user_cache_dir
-from ...schema import Bool, DropoutRate, Int, IntList, Str, StrList, StrMap, TaskSchema
+from ...schema import (
+    Bool,
+    DropoutRate,
+    Int,
+    IntList,
+    Sizes,
+    Str,
+    StrList,
+    StrMap,
+    TaskSchema,
+)
 from ...task import Stats, Task, TensorDataset, cross_entropy_stats, register_task
 from . import conll
 from . import data as pd
@@ -141,6 +151,11 @@ class ParsingTask(Task):
     """Transition-based dependency parsing; valid metric: dev UAS without punctuation."""
 
     datasets = ("ewt", "ptb")
+    valid_metric = "uas_excl_punct"
+    valid_mode = "max"
+    test_metric = "uas_excl_punct"
+    test_metric_label = "UAS (%), punctuation excluded"
+
     # Defaults: the paper preset (presets/parsing/paper.yaml: Chen & Manning's sizes).
     config_schema = TaskSchema(
         data={
@@ -159,18 +174,12 @@ class ParsingTask(Task):
                              nullable=True),
         },
         model={
-            "word_dim": Int(50, low=1),
-            "tag_dim": Int(50, low=1),
-            "label_dim": Int(50, low=1),
+            **Sizes(word_dim=50, tag_dim=50, label_dim=50),
             "hidden_sizes": IntList([200, 200], low=1),
             "activation": Str("relu", "relu | cube (Chen & Manning's)", choices=("relu", "cube")),
             "dropout": DropoutRate(0.5),
         },
     )
-    valid_metric = "uas_excl_punct"
-    valid_mode = "max"
-    test_metric = "uas_excl_punct"
-    test_metric_label = "UAS (%), punctuation excluded"
 
     def __init__(self, cfg: Mapping[str, Any], data_dir: str | None = None) -> None:
         super().__init__(cfg, data_dir)

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ...config import ConfigError
 from ...data import require_dataset
-from ...schema import Bool, DropoutRate, Int, Str, TaskSchema
+from ...schema import Bool, DropoutRate, Int, Sizes, Str, TaskSchema
 from ...task import ClassificationTask, TensorDataset, register_task
 from .data import (
     NUM_CLASSES,
@@ -52,11 +52,7 @@ class TextClassificationTask(ClassificationTask):
         model={
             "pre_norm": Bool(True),
             "pooling": Str("mean", choices=("mean", "cls")),
-            "d_model": Int(256, low=1),
-            "num_heads": Int(4, low=1),
-            "d_ff": Int(1024, low=1),
-            "num_layers": Int(4, low=1),
-            "max_len": Int(128, low=1),
+            **Sizes(d_model=256, num_heads=4, d_ff=1024, num_layers=4, max_len=128),
             "dropout": DropoutRate(0.3),
             "attention_dropout": DropoutRate(0.1),
             "activation_dropout": DropoutRate(0.1),
