@@ -1,8 +1,10 @@
 """Fast kernels behind :mod:`adanorm.functional`.
 
-CPU: ``norm_cpu.cpp`` is compiled once, on first use, with :func:`torch.utils.cpp_extension.load`
-into a per-user cache (``$ADANORM_CACHE_DIR``, else ``$TORCH_EXTENSIONS_DIR/adanorm``, else
-``~/.cache/adanorm``), keyed by torch version and the CPU's vector capability.  Later processes
+CPU: ``norm_ops.cpp`` (the operators and their autograd kernel) and ``norm_cpu.cpp`` (the CPU
+kernels) are compiled into one library once, on first use, with
+:func:`torch.utils.cpp_extension.load` into a per-user cache (``$ADANORM_CACHE_DIR``, else
+``$TORCH_EXTENSIONS_DIR/adanorm``, else ``~/.cache/adanorm``), keyed by torch version and the
+CPU's vector capability.  Later processes
 load the cached library in well under a second.  It defines the operators ``adanorm::norm``,
 ``adanorm::norm_forward`` and ``adanorm::norm_backward`` (CPU kernels plus a C++ autograd kernel);
 this module adds their fake kernels so ``torch.compile`` and ``torch.export`` can trace them.
@@ -59,6 +61,8 @@ __all__ = [
     "CUDA_SOURCE_PATH",
     "build_directory",
     "SOURCE_PATH",
+    "OPS_SOURCE_PATH",
+    "CPU_SOURCES",
 ]
 
 
@@ -76,6 +80,8 @@ class NormFlags(NamedTuple):
 
 
 SOURCE_PATH = Path(__file__).with_name("norm_cpu.cpp")
+OPS_SOURCE_PATH = Path(__file__).with_name("norm_ops.cpp")
+CPU_SOURCES = (OPS_SOURCE_PATH, SOURCE_PATH)  # the CPU library; norm_cuda.cu builds on its ops
 _DISABLE_ENV = "ADANORM_DISABLE_EXTENSION"
 
 # None: not tried yet; True/False: the outcome of the one attempt this process makes.
@@ -259,7 +265,8 @@ def _acquire_build_lock(path: Path, timeout: float) -> int:
 def _library_name() -> str:
     flags = _compile_flags(_vector_capability())
     # The name carries a digest of source and flags so a stale cache is never loaded by name.
-    digest = hashlib.sha256(SOURCE_PATH.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    text = b"".join(source.read_bytes() for source in CPU_SOURCES) + " ".join(flags).encode()
+    digest = hashlib.sha256(text).hexdigest()[:12]
     return f"adanorm_cpu_{digest}"
 
 
@@ -303,7 +310,7 @@ def _build_library(name: str, sources: list[Path], **load_kwargs: Any) -> Path:
 def _load_cpu_library() -> None:
     global _cpu_library
     library = _build_library(
-        _library_name(), [SOURCE_PATH], extra_cflags=_compile_flags(_vector_capability()),
+        _library_name(), list(CPU_SOURCES), extra_cflags=_compile_flags(_vector_capability()),
         extra_ldflags=["-fopenmp"],
     )
     if not hasattr(torch.ops.adanorm, "norm_forward"):
