@@ -335,3 +335,26 @@ def test_adanorm_scale_is_chosen_on_mean_validation_not_test() -> None:
     rt2 = next(r for r in rows if r["dataset"] == "rt" and r["scale"] == 2.0)
     assert rt2["valid_mean"] == 72.0 and rt2["n"] == 2 and rt2["chosen"]
     assert len(rows) == 4  # LayerNorm is not a candidate
+
+
+def test_adanorm_scale_is_compared_on_the_seeds_every_scale_ran() -> None:
+    from adanorm.lab.select import choose_scales
+
+    # C = 1 was chosen on seeds 1-2 and then run at seeds 3-5, which happen to validate worse:
+    # over all its seeds C = 1 would lose to C = 2, but on the shared seeds 1-2 it still wins.
+    runs = [
+        _fake_run("rt", "adanorm", 1.0, 1, 75.0, 0.0),
+        _fake_run("rt", "adanorm", 1.0, 2, 75.0, 0.0),
+        *(_fake_run("rt", "adanorm", 1.0, seed, 60.0, 0.0) for seed in (3, 4, 5)),
+        _fake_run("rt", "adanorm", 2.0, 1, 74.0, 0.0),
+        _fake_run("rt", "adanorm", 2.0, 2, 74.0, 0.0),
+    ]
+    chosen, rows = choose_scales(runs)
+    assert chosen == {"rt": 1.0}
+    c1 = next(r for r in rows if r["scale"] == 1.0)
+    assert (c1["n"], c1["n_common"], c1["valid_common_mean"]) == (5, 2, 75.0)
+    assert c1["valid_mean"] == 66.0  # the row still shows every seed's mean
+    # No replicate shared by every C: no choice, with a message that says what to run.
+    with pytest.raises(ValueError, match="no seed .* ran AdaNorm at every C"):
+        choose_scales([_fake_run("rt", "adanorm", 1.0, 1, 75.0, 0.0),
+                       _fake_run("rt", "adanorm", 2.0, 2, 74.0, 0.0)])

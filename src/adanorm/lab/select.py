@@ -43,18 +43,32 @@ def _scale(run: dict[str, Any]) -> float | None:
 
 
 def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Per dataset, the AdaNorm C with the best mean validation metric; and one summary row per
-    (dataset, C).  Ties go to the smaller C."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+    """Per dataset, the AdaNorm C with the best mean validation metric over the replicates (seeds,
+    or folds under cross-validation) that *every* C ran, so that a C run at more seeds after the
+    choice is still compared on the same replicates as the others; and one summary row per
+    (dataset, C), with its mean over all its replicates too.  Ties go to the smaller C."""
+    groups: dict[tuple[str, float], dict[int | str, dict[str, Any]]] = defaultdict(dict)
     for run in runs:
         scale = _scale(run)
         if scale is not None:
-            groups[(run["dataset"], scale)].append(run)
+            groups[(run["dataset"], scale)][run.get("replicate", int(run["seed"]))] = run
+    common: dict[str, set[int | str]] = {}
+    for (dataset, _), members in groups.items():
+        common[dataset] = common.get(dataset, set(members)) & set(members)
+    for dataset, replicates in common.items():
+        if not replicates:
+            raise ValueError(
+                f"{dataset}: no seed (or fold) ran AdaNorm at every C, so C cannot be chosen on "
+                "the same replicates; finish one seed of every C first"
+            )
     rows = []
-    for (dataset, scale), members in sorted(groups.items()):
+    for (dataset, scale), by_replicate in sorted(groups.items()):
+        members = list(by_replicate.values())
         valid_key, test_key = members[0]["valid_metric"], members[0]["test_metric"]
         valid = [float(m["valid"][valid_key]) for m in members]
         test = [float(m["test"][test_key]) for m in members]
+        shared = [float(by_replicate[r]["valid"][valid_key]) for r in sorted(
+            common[dataset], key=str)]
         rows.append(
             {
                 "dataset": dataset,
@@ -64,6 +78,8 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
                 "valid_std": statistics.stdev(valid) if len(valid) > 1 else None,
                 "test_mean": statistics.fmean(test),
                 "test_std": statistics.stdev(test) if len(test) > 1 else None,
+                "n_common": len(shared),
+                "valid_common_mean": statistics.fmean(shared),
                 "higher_is_better": members[0].get("valid_mode", "max") == "max",
             }
         )
@@ -71,7 +87,7 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
     for dataset in sorted({r["dataset"] for r in rows}):
         candidates = [r for r in rows if r["dataset"] == dataset]
         sign = 1.0 if candidates[0]["higher_is_better"] else -1.0
-        best = max(candidates, key=lambda r: (sign * r["valid_mean"], -r["scale"]))
+        best = max(candidates, key=lambda r: (sign * r["valid_common_mean"], -r["scale"]))
         chosen[dataset] = best["scale"]
     for row in rows:
         row["chosen"] = chosen[row["dataset"]] == row["scale"]
@@ -111,18 +127,20 @@ def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
     lines = [
         "# AdaNorm's C, chosen on the validation set",
         "",
-        f"Per dataset, the C with the {best} mean validation {valid_name} over seeds (ties: the "
-        f"smaller C). Test {'accuracy' if test_metric == 'acc' else test_metric} is shown for "
-        "information only; it played no part in the choice.",
+        f"Per dataset, the C with the {best} mean validation {valid_name} over the seeds (or "
+        "folds) that every C ran (ties: the smaller C); a C run at more seeds afterwards is "
+        f"still compared on those. Test {'accuracy' if test_metric == 'acc' else test_metric} is "
+        "shown for information only; it played no part in the choice.",
         "",
         f"| dataset | C | seeds | valid {valid_metric} (mean ± std) | test {test_metric} "
-        "(mean ± std) | chosen |",
-        "|---|---|---|---|---|---|",
+        f"(mean ± std) | valid {valid_metric}, seeds every C ran | chosen |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['scale']:g} | {r['n']} | {_fmt(r['valid_mean'])} ± "
             f"{_fmt(r['valid_std'])} | {_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | "
+            f"{_fmt(r['valid_common_mean'])} (n = {r['n_common']}) | "
             f"{'**yes**' if r['chosen'] else ''} |"
         )
     atomic_write_text(out / "adanorm_C_selection.md", "\n".join(lines) + "\n")
@@ -151,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (adanorm sweep --out)")
     parser.add_argument("out", type=Path, help="where the runs and reports are written")
     args = parser.parse_args(argv)
-    chosen = select_and_report(args.sweep_dir, args.out)
+    try:
+        chosen = select_and_report(args.sweep_dir, args.out)
+    except (ValueError, FileNotFoundError) as error:  # ReportError is a ValueError
+        print(f"adanorm.lab.select: error: {error}", file=sys.stderr)
+        return 2
     for dataset, scale in sorted(chosen.items()):
         print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation metric)")
     return 0
