@@ -14,8 +14,9 @@
 #   textcls:    the `converge` preset on SST-5 (seeds one at a time), then RT's 10 folds.
 #   lm, parsing, mt (later calls: LANES="lm parsing mt"): the `converge` presets, seeds one at a
 #               time (LM to 5 seeds, parsing and MT to 3).
-# LANES (default "divergence mnist textcls") picks the lanes.  After SECONDS every lane is
-# stopped; unfinished runs are left for the next call.
+# LANES (default "divergence lm parsing": MNIST, SST-5 and RT now run on CPU, see
+# results/converge/cpu_sweep.sh and results/mnist_converge/run_sweep.sh) picks the lanes.  After
+# SECONDS every lane is stopped; unfinished runs are left for the next call.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 data=${1:?usage: gpu_sweep.sh DATA_DIR SECONDS [MT_CACHE_DIR]}
@@ -92,7 +93,7 @@ lane_mt() {
 
 started=$SECONDS
 pids=()
-for lane in ${LANES:-divergence mnist textcls}; do
+for lane in ${LANES:-divergence lm parsing}; do
   setsid bash -c "$(declare -f lane_$lane); $(declare -p ad norms cuda mt_set); lane_$lane" \
     > "results/converge/lane_$lane.log" 2>&1 &
   pids+=($!)
