@@ -605,9 +605,11 @@ REGENERATE = {  # results directory -> the command its README gives
     "results/converge/mnist",
     "converge/sst5": "python -m adanorm.lab.select results/converge/sst5/runs "
     "results/converge/sst5",
+    "converge/sst5_cpu": "python -m adanorm.lab.select results/converge/sst5_cpu/runs "
+    "results/converge/sst5_cpu",
 }
 # Columns whose tables choose AdaNorm's C on validation (textcls_select writes three tables).
-SELECTED = {"textcls", "converge/mnist", "converge/sst5"}
+SELECTED = {"textcls", "converge/mnist", "converge/sst5", "converge/sst5_cpu"}
 
 
 @pytest.mark.slow
