@@ -17,6 +17,7 @@ from pathlib import Path
 
 from adanorm.lab.checkpoint import atomic_write_text
 from adanorm.lab.report import ReportError, collect_runs, label_settings
+from adanorm.lab.select import choose_scales
 
 
 def choose(runs_dir: Path, out: Path) -> float:
@@ -41,8 +42,10 @@ def choose(runs_dir: Path, out: Path) -> float:
     for scale in sorted(by_scale):
         valid = [by_scale[scale][s]["valid"][metric] for s in common]
         test = [by_scale[scale][s]["test"][test_metric] for s in common]
-        rows.append((scale, statistics.fmean(valid), stats(valid), stats(test)))
-    chosen = max(rows, key=lambda row: (row[1], -row[0]))[0]
+        rows.append((scale, stats(valid), stats(test)))
+    # The rule itself is the lab's (adanorm.lab.select), so this table and the selection of every
+    # other converged column cannot drift apart.
+    (chosen,) = choose_scales(runs)[0].values()
     lines = [
         "# AdaNorm's C, chosen on validation (k = 0.1)",
         "",
@@ -53,7 +56,7 @@ def choose(runs_dir: Path, out: Path) -> float:
         f"| C | valid {metric} (mean ± sd) | test {test_metric} (mean ± sd) | chosen |",
         "|---|---|---|---|",
     ]
-    for scale, _, valid_text, test_text in rows:
+    for scale, valid_text, test_text in rows:
         mark = "**yes**" if scale == chosen else ""
         lines.append(f"| {scale:g} | {valid_text} | {test_text} | {mark} |")
     atomic_write_text(out, "\n".join(lines) + "\n")

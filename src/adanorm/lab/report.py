@@ -48,6 +48,7 @@ from .runs import (
     is_number,
     label_settings,
     read_metrics_checked,
+    replicate_of,
 )
 from .seedstats import (
     VERDICT_RULE,
@@ -137,10 +138,6 @@ def higher_is_better(result: dict[str, Any]) -> bool:
     )
 
 
-def _replicate(run: dict[str, Any]) -> int | str:
-    return run.get("replicate", int(run["seed"]))
-
-
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, setting, norm label): mean, std (sample, ddof=1; None for one seed),
     n.  Runs without a ``setting`` (see :func:`label_settings`) count as setting "".  Two runs of
@@ -161,7 +158,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             )
         by_seed: dict[int | str, dict[str, Any]] = {}
         for member in members:
-            seed = _replicate(member)
+            seed = replicate_of(member)
             if seed in by_seed:
                 raise ReportError(
                     f"seed {seed} of {dataset} {label} ran twice with the same config: "
@@ -180,7 +177,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else None,
                 "n": len(values),
-                "_seeds": {_replicate(m): float(m["test"][metric]) for m in members},
+                "_seeds": {replicate_of(m): float(m["test"][metric]) for m in members},
                 "_norm": members[0]["norm"],
                 "_label": members[0].get("test_metric_label", metric),
                 "_higher": higher_is_better(members[0]),

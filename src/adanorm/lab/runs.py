@@ -17,6 +17,7 @@ __all__ = [
     "NoRunsError",
     "collect_runs",
     "replicate_id",
+    "replicate_of",
     "config_identity",
     "label_settings",
     "read_metrics_checked",
@@ -178,6 +179,11 @@ def _read_device(run_dir: Path, fix: str) -> str | None:
     if not isinstance(device, str):
         raise ReportError(f"{path}: no string at environment.device; {fix}")
     return device.partition(":")[0]  # cuda:1 and cuda:0 are the same kind of device
+
+
+def replicate_of(run: dict[str, Any]) -> int | str:
+    """The replicate a collected run stands for (:func:`replicate_id`, else its seed)."""
+    return run.get("replicate", int(run["seed"]))
 
 
 def replicate_id(config: dict[str, Any], seed: int, path: Path, fix: str) -> int | str:

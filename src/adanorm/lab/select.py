@@ -30,6 +30,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_text
 from .report import collect_runs, label_settings, write_report
+from .runs import replicate_of
 
 __all__ = ["choose_scales", "select_and_report"]
 
@@ -51,7 +52,7 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
     for run in runs:
         scale = _scale(run)
         if scale is not None:
-            groups[(run["dataset"], scale)][run.get("replicate", int(run["seed"]))] = run
+            groups[(run["dataset"], scale)][replicate_of(run)] = run
     common: dict[str, set[int | str]] = {}
     for (dataset, _), members in groups.items():
         common[dataset] = common.get(dataset, set(members)) & set(members)
@@ -67,6 +68,7 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
         valid_key, test_key = members[0]["valid_metric"], members[0]["test_metric"]
         valid = [float(m["valid"][valid_key]) for m in members]
         test = [float(m["test"][test_key]) for m in members]
+        # In a fixed order: fold ids are strings, and a set's order of them varies per process.
         shared = [float(by_replicate[r]["valid"][valid_key]) for r in sorted(
             common[dataset], key=str)]
         rows.append(
