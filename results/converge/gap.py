@@ -26,6 +26,7 @@ from pathlib import Path
 
 from adanorm.lab.checkpoint import atomic_write_text
 from adanorm.lab.report import collect_runs, compare, holm, label_settings, verdict
+from adanorm.lab.runs import replicate_of
 
 NORMS = ("layernorm", "layernorm-simple")
 
@@ -60,7 +61,13 @@ def main(out: Path, roots: list[Path]) -> None:
             label_settings(column, refuse_mixed=True)
             by_norm: dict[str, dict] = {n: {} for n in NORMS}
             for run in column:
-                by_norm[run["norm"]][run.get("replicate", run["seed"])] = gap_of(run)
+                replicate = replicate_of(run)
+                if replicate in by_norm[run["norm"]]:
+                    raise SystemExit(
+                        f"{run['run_dir']}: a second {run['norm']} run of replicate "
+                        f"{replicate} in {root}; keep one run per seed (or fold)"
+                    )
+                by_norm[run["norm"]][replicate] = gap_of(run)
             gaps = [g for n in NORMS for g in by_norm[n].values()]
             for kind in ["acc", "loss"] if all("acc" in g for g in gaps) else ["loss"]:
                 per = {n: {k: g[kind] for k, g in by_norm[n].items()} for n in NORMS}
