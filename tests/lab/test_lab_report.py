@@ -432,7 +432,11 @@ def test_a_duplicate_seed_is_an_error_naming_both_run_directories(tmp_path: Path
 
 def _cv_run(root: Path, norm: str, fold: int, acc: float, seed: int = 1) -> Path:
     return _fake_run(
-        root / f"fold{fold}", "rt", norm, seed, acc,
+        root / f"fold{fold}",
+        "rt",
+        norm,
+        seed,
+        acc,
         config={"data.protocol": "cv10", "data.cv_fold": fold},
     )
 
@@ -607,9 +611,11 @@ REGENERATE = {  # results directory -> the command its README gives
     "results/converge/sst5",
     "converge/sst5_cpu": "python -m adanorm.lab.select results/converge/sst5_cpu/runs "
     "results/converge/sst5_cpu",
+    "converge/rt_cpu": "python -m adanorm.lab.select results/converge/rt_cpu/runs "
+    "results/converge/rt_cpu",
 }
 # Columns whose tables choose AdaNorm's C on validation (textcls_select writes three tables).
-SELECTED = {"textcls", "converge/mnist", "converge/sst5", "converge/sst5_cpu"}
+SELECTED = {"textcls", "converge/mnist", "converge/sst5", "converge/sst5_cpu", "converge/rt_cpu"}
 
 
 @pytest.mark.slow
@@ -744,7 +750,9 @@ def test_divergence_and_gap_tables_regenerate_from_the_committed_runs(tmp_path: 
     out = tmp_path / "gap.md"
     subprocess.run(
         [sys.executable, str(converge / "gap.py"), str(out), *command.group(2).split()],
-        check=True, capture_output=True, cwd=REPO,
+        check=True,
+        capture_output=True,
+        cwd=REPO,
     )
     assert out.read_text().replace(str(out), command.group(1)) == committed, (
         f"results/converge/gap.md is not what its runs give: run `{command.group(0)}`"
