@@ -613,9 +613,18 @@ REGENERATE = {  # results directory -> the command its README gives
     "results/converge/sst5_cpu",
     "converge/rt_cpu": "python -m adanorm.lab.select results/converge/rt_cpu/runs "
     "results/converge/rt_cpu",
+    "converge/parsing_cpu": "python -m adanorm.lab.select results/converge/parsing_cpu/runs "
+    "results/converge/parsing_cpu",
 }
 # Columns whose tables choose AdaNorm's C on validation (textcls_select writes three tables).
-SELECTED = {"textcls", "converge/mnist", "converge/sst5", "converge/sst5_cpu", "converge/rt_cpu"}
+SELECTED = {
+    "textcls",
+    "converge/mnist",
+    "converge/sst5",
+    "converge/sst5_cpu",
+    "converge/rt_cpu",
+    "converge/parsing_cpu",
+}
 
 
 @pytest.mark.slow
