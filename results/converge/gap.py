@@ -14,7 +14,12 @@ the one the test number comes from):
 Per column: mean ± sample std of each norm's gap, and Δ (LayerNorm-simple minus LayerNorm) with
 its 95 % interval and the paired test of :func:`adanorm.lab.report.compare`; Holm's correction
 runs over the columns' comparisons; the verdict rule is the report's (lower gap is better).
-Written atomically to OUT.md.
+
+A second table tests the paper's figures 2 and 3 ("AdaNorm generalizes better": a higher train
+loss and a lower validation loss than LayerNorm) on the same runs: AdaNorm at the C chosen on
+validation (:func:`adanorm.lab.select.choose_scales`, as in the column's report) minus LayerNorm,
+in train loss, valid loss and the loss gap, each scored in the paper's direction, with its own
+Holm correction.  Written atomically to OUT.md.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from adanorm.lab.checkpoint import atomic_write_text
 from adanorm.lab.report import collect_runs, compare, holm, label_settings, verdict
 from adanorm.lab.runs import replicate_of
+from adanorm.lab.select import choose_scales
 
 NORMS = ("layernorm", "layernorm-simple")
 # Accuracies logged on both splits: the classifiers' ``acc``; the parser's ``transition_acc`` (its
@@ -35,6 +41,7 @@ ACCURACY_KEYS = ("acc", "transition_acc")
 
 
 def gap_of(run: dict) -> dict[str, float]:
+    """The train-minus-valid gaps of one run at its best step, and its two losses there."""
     text = (Path(run["run_dir"]) / "metrics.jsonl").read_text()
     lines = [json.loads(line) for line in text.splitlines()]
     best = int(run["best_step"])
@@ -44,7 +51,12 @@ def gap_of(run: dict) -> dict[str, float]:
     train = [r for r in lines if r.get("split") == "train" and start < r["step"] <= best]
     if not train:
         raise SystemExit(f"{run['run_dir']}: no training log line in ({start}, {best}]")
-    out = {"loss": valid["loss"] - statistics.fmean(r["loss"] for r in train)}
+    train_loss = statistics.fmean(r["loss"] for r in train)
+    out = {
+        "loss": valid["loss"] - train_loss,
+        "train_loss": train_loss,
+        "valid_loss": valid["loss"],
+    }
     for key in ACCURACY_KEYS:
         if key in valid and all(key in r for r in train):
             out[key] = statistics.fmean(r[key] for r in train) - valid[key]
@@ -56,37 +68,102 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {sd}"
 
 
+def _gaps_by_replicate(runs: list[dict], root: Path) -> dict[int | str, dict[str, float]]:
+    by_replicate: dict[int | str, dict[str, float]] = {}
+    for run in runs:
+        replicate = replicate_of(run)
+        if replicate in by_replicate:
+            raise SystemExit(
+                f"{run['run_dir']}: a second {run['norm']} run of replicate {replicate} in "
+                f"{root}; keep one run per seed (or fold)"
+            )
+        by_replicate[replicate] = gap_of(run)
+    return by_replicate
+
+
+def _score(rows: list[dict]) -> None:
+    """Holm over ``rows``; each row's ``higher_is_better`` orients its verdict."""
+    for row, p_holm in zip(rows, holm([r["result"].p for r in rows]), strict=True):
+        row["p_holm"] = p_holm
+        row["verdict"] = verdict(row["result"].delta, p_holm, row["higher_is_better"])
+
+
+def _stat_cells(row: dict) -> str:
+    r = row["result"]
+    ci = "—" if r.low is None else f"[{r.low:+.3f}, {r.high:+.3f}]"
+    p = "—" if r.p is None else f"{r.p:.3g}"
+    ph = "—" if row["p_holm"] is None else f"{row['p_holm']:.3g}"
+    return f"{r.delta:+.3f} | {ci} | {r.test} ({r.n}) | {p} | {ph} | {row['verdict']}"
+
+
+# The paper's figures 2-3, as (kind, what AdaNorm does to it there, higher_is_better for AdaNorm).
+ADANORM_PATTERN = (
+    ("train_loss", "higher", True),
+    ("valid_loss", "lower", False),
+    ("loss", "smaller", False),
+)
+KIND_NAMES = {"train_loss": "train loss", "valid_loss": "valid loss", "loss": "loss gap"}
+
+
 def main(out: Path, roots: list[Path]) -> None:
     comparisons: list[dict] = []
+    adanorm_rows: list[dict] = []
     for root in roots:
-        runs = [r for r in collect_runs(root) if r["norm"] in NORMS]
-        for dataset in sorted({r["dataset"] for r in runs}):
-            column = [r for r in runs if r["dataset"] == dataset]
+        all_runs = collect_runs(root)
+        runs = [r for r in all_runs if r["norm"] in NORMS]
+        for dataset in sorted({r["dataset"] for r in all_runs}):
+            column = [r for r in all_runs if r["dataset"] == dataset]
             label_settings(column, refuse_mixed=True)
-            by_norm: dict[str, dict] = {n: {} for n in NORMS}
-            for run in column:
-                replicate = replicate_of(run)
-                if replicate in by_norm[run["norm"]]:
-                    raise SystemExit(
-                        f"{run['run_dir']}: a second {run['norm']} run of replicate "
-                        f"{replicate} in {root}; keep one run per seed (or fold)"
-                    )
-                by_norm[run["norm"]][replicate] = gap_of(run)
+            by_norm = {
+                n: _gaps_by_replicate(
+                    [r for r in runs if r["dataset"] == dataset and r["norm"] == n], root
+                )
+                for n in NORMS
+            }
             gaps = [g for n in NORMS for g in by_norm[n].values()]
             kinds = [k for k in (*ACCURACY_KEYS, "loss") if all(k in g for g in gaps)]
             for kind in kinds:
                 per = {n: {k: g[kind] for k, g in by_norm[n].items()} for n in NORMS}
                 if not all(per[n] for n in NORMS):
                     continue
-                result = compare(per["layernorm-simple"], per["layernorm"])
                 comparisons.append(
-                    {"column": f"{root} ({dataset})", "kind": kind, "per": per, "result": result}
+                    {
+                        "column": f"{root} ({dataset})",
+                        "kind": kind,
+                        "per": per,
+                        "result": compare(per["layernorm-simple"], per["layernorm"]),
+                        # A smaller gap is better: score it as a lower-is-better metric.
+                        "higher_is_better": False,
+                    }
                 )
-    rows = comparisons
-    for row, p_holm in zip(comparisons, holm([r["result"].p for r in comparisons]), strict=True):
-        row["p_holm"] = p_holm
-        # A smaller gap is better: score it as a lower-is-better metric.
-        row["verdict"] = verdict(row["result"].delta, p_holm, higher_is_better=False)
+            adanorm_runs = [r for r in column if r["norm"] == "adanorm"]
+            if not adanorm_runs or not by_norm["layernorm"]:
+                continue
+            chosen = choose_scales(adanorm_runs)[0][dataset]
+            at_chosen = [
+                r
+                for r in adanorm_runs
+                if float((r.get("norm_kwargs") or {}).get("scale", 1.0)) == chosen
+            ]
+            ada = _gaps_by_replicate(at_chosen, root)
+            for kind, direction, higher in ADANORM_PATTERN:
+                per = {
+                    "layernorm": {k: g[kind] for k, g in by_norm["layernorm"].items()},
+                    "adanorm": {k: g[kind] for k, g in ada.items()},
+                }
+                adanorm_rows.append(
+                    {
+                        "column": f"{root} ({dataset})",
+                        "C": chosen,
+                        "kind": kind,
+                        "direction": direction,
+                        "per": per,
+                        "result": compare(per["adanorm"], per["layernorm"]),
+                        "higher_is_better": higher,
+                    }
+                )
+    _score(comparisons)
+    _score(adanorm_rows)
     lines = [
         "# Gain and bias over-fitting: the train-minus-valid gap at the best checkpoint",
         "",
@@ -105,15 +182,31 @@ def main(out: Path, roots: list[Path]) -> None:
         "| verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        r = row["result"]
-        ci = "—" if r.low is None else f"[{r.low:+.3f}, {r.high:+.3f}]"
-        p = "—" if r.p is None else f"{r.p:.3g}"
-        ph = "—" if row["p_holm"] is None else f"{row['p_holm']:.3g}"
+    for row in comparisons:
         lines.append(
             f"| {row['column']} | {row['kind']} | {_ms(list(row['per']['layernorm'].values()))} "
-            f"| {_ms(list(row['per']['layernorm-simple'].values()))} | {r.delta:+.3f} | {ci} "
-            f"| {r.test} ({r.n}) | {p} | {ph} | {row['verdict']} |"
+            f"| {_ms(list(row['per']['layernorm-simple'].values()))} | {_stat_cells(row)} |"
+        )
+    lines += [
+        "",
+        "## Does AdaNorm generalize better? (the paper's figures 2 and 3)",
+        "",
+        "The paper's curves show AdaNorm with a higher train loss and a lower validation loss "
+        "than LayerNorm. Here, at the best checkpoint of the same runs: AdaNorm at the C chosen "
+        "on validation (as in the column's report) minus LayerNorm, in train loss (as above), "
+        "valid loss, and the loss gap (valid − train). Each row is scored in the paper's "
+        "direction: win = significantly higher train loss, lower valid loss or smaller gap; loss "
+        "= significantly the other way; tie = not told apart. Holm over the rows of this table.",
+        "",
+        "| Column | C | Quantity | paper: AdaNorm's is | LayerNorm | AdaNorm | Δ | 95 % CI "
+        "| test (n) | p | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in adanorm_rows:
+        lines.append(
+            f"| {row['column']} | {row['C']:g} | {KIND_NAMES[row['kind']]} | {row['direction']} "
+            f"| {_ms(list(row['per']['layernorm'].values()))} "
+            f"| {_ms(list(row['per']['adanorm'].values()))} | {_stat_cells(row)} |"
         )
     atomic_write_text(out, "\n".join(lines) + "\n")
     print(out)

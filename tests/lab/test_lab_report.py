@@ -766,3 +766,50 @@ def test_divergence_and_gap_tables_regenerate_from_the_committed_runs(tmp_path: 
     assert out.read_text().replace(str(out), command.group(1)) == committed, (
         f"results/converge/gap.md is not what its runs give: run `{command.group(0)}`"
     )
+
+
+def _set_losses(run: Path, train_loss: float, valid_loss: float) -> None:
+    """Give a fake run one evaluation interval: best step 20, the given losses there."""
+    results = json.loads((run / "results.json").read_text())
+    results["best_step"] = 20
+    (run / "results.json").write_text(json.dumps(results))
+    lines = [
+        {"split": "train", "step": 10, "loss": 9.0, "acc": 50.0},
+        {"split": "valid", "step": 10, "loss": 9.0, "acc": 50.0},
+        {"split": "train", "step": 20, "loss": train_loss, "acc": 90.0},
+        {"split": "valid", "step": 20, "loss": valid_loss, "acc": 80.0},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_gap_compares_adanorm_at_the_chosen_c_only(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed in (1, 2, 3):
+        for norm in ("layernorm", "layernorm-simple"):
+            _set_losses(_fake_run(runs, "mnist", norm, seed, 99.0), 0.10, 0.30 + seed / 100)
+        # C = 2 has the better validation accuracy, so it is the one compared with LayerNorm.
+        for scale, valid, train_loss in ((1.0, 97.0, 0.50), (2.0, 98.0, 0.20 + seed / 100)):
+            _set_losses(
+                _fake_run(
+                    runs, "mnist", "adanorm", seed, 99.0, name=f"adanorm_C{scale:g}",
+                    norm_kwargs={"scale": scale}, valid=valid,
+                ),
+                train_loss,
+                0.25,
+            )
+    out = tmp_path / "gap.md"
+    subprocess.run(
+        [sys.executable, str(REPO / "results" / "converge" / "gap.py"), str(out), str(runs)],
+        check=True,
+        capture_output=True,
+    )
+    table = out.read_text().split("## Does AdaNorm generalize better?")[1]
+    rows = [line for line in table.splitlines() if line.startswith(f"| {runs} (mnist)")]
+    assert [row.split(" | ")[1:3] for row in rows] == [
+        ["2", "train loss"],
+        ["2", "valid loss"],
+        ["2", "loss gap"],
+    ]
+    # AdaNorm C = 2 minus LayerNorm: train loss 0.22 - 0.10, valid loss 0.25 - 0.32.
+    assert " | 0.100 ± 0.000 | 0.220 ± 0.010 | +0.120 | " in rows[0]
+    assert " | 0.320 ± 0.010 | 0.250 ± 0.000 | -0.070 | " in rows[1]
