@@ -2,20 +2,22 @@
 # The CPU columns of results/converge (issue #13): trained to convergence on this project's CPU
 # machine, one torch thread per run.
 #
-#   results/converge/cpu_sweep.sh sst5|rt|lm|parsing     (JOBS=2: two runs side by side; default 1)
+#   results/converge/cpu_sweep.sh sst5|rt|lm|parsing|mt  (JOBS=2: two runs side by side; default 1)
 #
 # sst5, lm: stage 1 runs every norm and AdaNorm at C = 0.5, 1, 2, 3 (k = 0.1) for seeds 1-3, a
 #           seed at a time so an interrupted sweep stays balanced; C is then chosen on validation
 #           over the seeds every C ran (python -m adanorm.lab.select), and stage 2 runs seeds 4
 #           and 5 of the four norms and AdaNorm at that C.
-# parsing:  stage 1 only (3 seeds is the column's count): every norm and every C, seeds 1-3.
+# parsing, mt: stage 1 only (3 seeds is the column's count): every norm and every C, seeds 1-3.
+#           MT is the `converge` preset's 3+3 pre-norm Transformer, bf16 autocast, about 1,400
+#           target tokens per second at 1 thread: 1.5-3 hours a run, resumable every 250 updates.
 # rt:       the 10-fold cross-validation (data.protocol=cv10): every norm and every C on fold 0,
 #           then fold 1, ... (seed 1; the folds are the replicates); C is chosen over the folds.
 # Finished runs are skipped, so re-running the script resumes it; the tables are written last:
 #   python -m adanorm.lab.select results/converge/<column>_cpu/runs results/converge/<column>_cpu
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-column=${1:?usage: cpu_sweep.sh sst5|rt|lm|parsing}
+column=${1:?usage: cpu_sweep.sh sst5|rt|lm|parsing|mt}
 export ADANORM_DATA="${ADANORM_DATA:-../shared/data}"
 export OMP_NUM_THREADS=1
 ADANORM="${ADANORM:-adanorm}"   # e.g. ADANORM="python -m adanorm.lab.cli" from a source tree
@@ -45,12 +47,13 @@ case "$column" in
   sst5) staged textcls sst5 5 ;;
   lm) staged lm tiny_shakespeare 5 ;;
   parsing) staged parsing ewt 3 ;;
+  mt) staged mt multi30k 3 ;;
   rt)
     for fold in 0 1 2 3 4 5 6 7 8 9; do
       sweep textcls rt --scales 0.5,1,2,3 --seeds 1 --out "$out/runs/fold$fold" \
         --set data.protocol=cv10 "data.cv_fold=$fold"
     done
     ;;
-  *) echo "cpu_sweep.sh: unknown column $column (sst5, rt, lm or parsing)" >&2; exit 2 ;;
+  *) echo "cpu_sweep.sh: unknown column $column (sst5, rt, lm, parsing or mt)" >&2; exit 2 ;;
 esac
 python -m adanorm.lab.select "$out/runs" "$out"
