@@ -615,6 +615,8 @@ REGENERATE = {  # results directory -> the command its README gives
     "results/converge/rt_cpu",
     "converge/parsing_cpu": "python -m adanorm.lab.select results/converge/parsing_cpu/runs "
     "results/converge/parsing_cpu",
+    "converge/lm_cpu": "python -m adanorm.lab.select results/converge/lm_cpu/runs "
+    "results/converge/lm_cpu",
 }
 # Columns whose tables choose AdaNorm's C on validation (textcls_select writes three tables).
 SELECTED = {
@@ -624,6 +626,7 @@ SELECTED = {
     "converge/sst5_cpu",
     "converge/rt_cpu",
     "converge/parsing_cpu",
+    "converge/lm_cpu",
 }
 
 
