@@ -117,7 +117,9 @@ def fake_sweep(tmp_path: Path) -> Path:
 def test_report_rows_tables_and_plots(fake_sweep: Path) -> None:
     report = write_report(fake_sweep)
     rows = {(r["dataset"], r["norm"]): r for r in report.rows}
-    assert set(report.rows[0]) == {"dataset", "setting", "norm", "metric", "mean", "std", "n"}
+    assert set(report.rows[0]) == {
+        "dataset", "setting", "norm", "metric", "mean", "std", "n", "runs_at_chance"
+    }
     assert {r["setting"] for r in report.rows} == {""}  # one config per dataset: no labels
     assert rows[("mnist", "adanorm")]["mean"] == pytest.approx(99.4)
     assert rows[("mnist", "adanorm")]["std"] == pytest.approx(0.1)

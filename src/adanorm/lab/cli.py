@@ -17,8 +17,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from .report import Report
 
 __all__ = ["main", "build_parser"]
 
@@ -72,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="tables and plots of a directory of runs")
     p.add_argument("dir")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="data root for the chance-level check (default: $ADANORM_DATA, else the cache)",
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--out", default=None, help="where to write report.md/csv/png (default: DIR)")
     p.add_argument(
@@ -194,7 +203,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not args.no_report and any(r.finished for r in runs):
         from .report import write_report
 
-        print(write_report(out).markdown)
+        report = write_report(out, data_dir=args.data_dir)
+        print(report.markdown)
+        _warn_chance(report)
     if failed:
         print(
             f"{len(failed)} run(s) failed; re-run the same command to retry them", file=sys.stderr
@@ -203,16 +214,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_chance(report: Report) -> None:
+    """The runs that learned nothing, and the columns not checked for it, on stderr: a table
+    that hides them behind a mean is what the check exists to prevent."""
+    for line in report.at_chance:
+        print(f"adanorm report: warning: at chance level: {line}", file=sys.stderr)
+    for line in report.unchecked:
+        print(f"adanorm report: warning: chance level {line}", file=sys.stderr)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import ReportError, write_report
 
     try:
         report = write_report(
-            Path(args.dir), Path(args.out) if args.out else None, refuse_mixed=args.refuse_mixed
+            Path(args.dir),
+            Path(args.out) if args.out else None,
+            refuse_mixed=args.refuse_mixed,
+            data_dir=args.data_dir,
         )
     except ReportError as exc:
         print(f"adanorm report: error: {exc}", file=sys.stderr)
         return 2
+    _warn_chance(report)
     if args.json:
         print(json.dumps(report.rows, indent=2))
     else:

@@ -457,12 +457,13 @@ _COSMETIC = ("train.progress",)
 _LENGTH = ("train.max_steps", "train.max_epochs")
 
 
-def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``cfg`` as ``{"section.key": value}`` (``*_kwargs`` mappings kept whole)."""
     flat: dict[str, Any] = {}
     for key, value in cfg.items():
         path = f"{prefix}{key}"
         if isinstance(value, Mapping) and value and not str(key).endswith("_kwargs"):
-            flat.update(_flatten(value, f"{path}."))
+            flat.update(flatten_config(value, f"{path}."))
         else:
             flat[path] = value
     return flat
@@ -479,7 +480,7 @@ def resume_changes(
     """The keys that differ between the config a run was started with and ``new``, other than
     cosmetic keys and (with ``allow_longer``) a longer ``train.max_steps``/``max_epochs``;
     empty if resuming is safe."""
-    old_flat, new_flat = _flatten(saved), _flatten(new)
+    old_flat, new_flat = flatten_config(saved), flatten_config(new)
     changed = []
     for key in sorted(set(old_flat) | set(new_flat)):
         old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")

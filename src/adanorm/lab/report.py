@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .chance import CHANCE_RULE, check_chance
 from .checkpoint import atomic_write_text
 from .paper_numbers import paper_column, paper_number, paper_table
 from .plots import display_name, plot_loss_curves
@@ -102,6 +103,9 @@ class Report:
     markdown: str
     rows: list[dict[str, Any]]
     files: list[Path] = field(default_factory=list)
+    #: One line per run at chance level, and one per column that could not be checked (why).
+    at_chance: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
 
 
 def _sort_key(label: str) -> tuple[int, str]:
@@ -223,18 +227,29 @@ def _comparison_line(
     p = "—" if result.p is None else f"{result.p:.3f}"
     p_holm = "—" if entry["p_holm"] is None else f"{entry['p_holm']:.3f}"
     paper = "—" if paper_delta is None else f"{paper_delta:+.2f}"
+    # A comparison that averages in a run which learned nothing says so where it is read.
+    at_chance = (entry["row"]["_at_chance"] or 0) + (entry["ref"]["_at_chance"] or 0)
+    flag = f" ⚠ {at_chance} at chance" if at_chance else ""
     return (
         f"| {column} | {title} | {_fmt(result.delta, digits, sign=True)} | {ci} | "
-        f"{result.test} ({result.n}) | {p} | {p_holm} | {entry['verdict']} | {paper} |"
+        f"{result.test} ({result.n}) | {p} | {p_holm} | {entry['verdict']}{flag} | {paper} |"
     )
 
 
-def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = False) -> Report:
+def write_report(
+    root: Path,
+    out: Path | None = None,
+    *,
+    refuse_mixed: bool = False,
+    data_dir: str | None = None,
+) -> Report:
     """Summarize the runs below ``root``; write report.md, report.csv and the loss-curve PNGs.
 
     Runs of a dataset whose configs differ beyond the seed and :data:`IGNORED_KEYS` get one
     column per config (labelled by the differing keys), or a :class:`ReportError` with
-    ``refuse_mixed``."""
+    ``refuse_mixed``.  Every run's best validation metric is checked against its data's chance
+    level (:mod:`adanorm.lab.chance`, read from ``data_dir``, else ``$ADANORM_DATA``): runs at
+    chance are marked in the table and listed, and columns that could not be checked say why."""
     runs = collect_runs(root)
     if not runs:
         raise NoRunsError(
@@ -251,9 +266,20 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
         if metrics.exists():
             fix = f"re-run that run, or move {metrics.parent} out of {root}"
             metrics_by_run[run["run_dir"]] = read_metrics_checked(metrics, fix)
+    chance = {check.run_dir: check for check in check_chance(runs, data_dir)}
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({(r["dataset"], r["setting"]) for r in rows})
+    for row in rows:
+        members = [
+            run for run in runs
+            if (run["dataset"], run.get("setting", ""), run["norm_label"])
+            == (row["dataset"], row["setting"], row["norm"])
+        ]
+        checked = [chance[run["run_dir"]] for run in members if chance[run["run_dir"]].level]
+        row["_at_chance"] = (
+            sum(check.at_chance for check in checked) if len(checked) == len(members) else None
+        )
     labels = sorted({r["norm"] for r in rows}, key=_sort_key)
     by_key = {(r["dataset"], r["setting"], r["norm"]): r for r in rows}
 
@@ -334,6 +360,8 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
                 cells.append("")
                 continue
             ours = f"{r['mean']:.2f} ± {_fmt(r['std'])} (n={r['n']})"
+            if r["_at_chance"]:
+                ours += f" ⚠ {r['_at_chance']} at chance"
             paper = r["_paper"]
             if paper is not None:
                 ours += f" · paper {paper if isinstance(paper, str) else f'{paper:.2f}'}"
@@ -358,6 +386,55 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
             f" ({len(members) - len(known)} without best_step)" if len(known) < len(members) else ""
         )
         lines.append(f"| {_column_title(d, s)} | {len(members)} | {before}{unknown} | {early} |")
+    at_chance_lines, unchecked_lines = [], []
+    lines += [
+        "",
+        "## Chance level",
+        "",
+        CHANCE_RULE,
+        "",
+        "| Column | chance level (valid metric) | predictor | runs at chance |",
+        "|---|---|---|---|",
+    ]
+    for d, s in columns:
+        title = _column_title(d, s)
+        members = [run for run in runs if (run["dataset"], run["setting"]) == (d, s)]
+        checks = [chance[run["run_dir"]] for run in members]
+        reasons = sorted({check.reason for check in checks if check.level is None})
+        for reason in reasons:
+            unchecked_lines.append(f"{title}: not checked: {reason}")
+        levels = sorted({(c.level.metric, c.level.value, c.level.predictor)
+                         for c in checks if c.level is not None})
+        flagged = [
+            (run, check) for run, check in zip(members, checks, strict=True) if check.at_chance
+        ]
+        for run, check in flagged:
+            at_chance_lines.append(
+                f"{run['run_dir']}: best valid {run['valid_metric']} {check.valid:.5g}, chance "
+                f"level {check.level.value:.5g} ({check.level.predictor})"
+            )
+        listed = "; ".join(
+            f"{display_name(run['norm_label'])} seed {replicate_of(run)} "
+            f"({check.valid:.5g})"
+            for run, check in sorted(flagged, key=lambda f: (_sort_key(f[0]["norm_label"]),
+                                                              str(replicate_of(f[0]))))
+        )
+        checked = len(members) - sum(check.level is None for check in checks)
+        verdict_cell = f"{len(flagged)} of {checked}" + (f": {listed}" if listed else "")
+        if reasons:
+            verdict_cell += f" ({len(members) - checked} not checked: {'; '.join(reasons)})"
+        # Under cross-validation each fold has its own train split, hence its own chance level.
+        values = sorted({value for _, value, _ in levels})
+        metrics = sorted({metric for metric, _, _ in levels})
+        level_cell = (
+            "—"
+            if not levels
+            else f"{'/'.join(metrics)} {values[0]:.5g}"
+            if len(values) == 1
+            else f"{'/'.join(metrics)} {values[0]:.5g} to {values[-1]:.5g} (per data split)"
+        )
+        predictor_cell = "; ".join(sorted({p for _, _, p in levels})) or "—"
+        lines.append(f"| {title} | {level_cell} | {predictor_cell} | {verdict_cell} |")
     lines += [
         "",
         f"## Δ vs {display_name(REFERENCE)}",
@@ -455,6 +532,7 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
             "n_compared",
             "p_holm",
             "verdict",
+            "runs_at_chance",
         ]
     )
     for r in rows:
@@ -479,13 +557,23 @@ def write_report(root: Path, out: Path | None = None, *, refuse_mixed: bool = Fa
                 cmp_result.n if cmp_result else "",
                 _g(r["_cmp"]["p_holm"] if cmp_result else None),
                 r["_cmp"]["verdict"] if cmp_result else "",
+                "" if r["_at_chance"] is None else r["_at_chance"],
             ]
         )
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.csv", buffer.getvalue())
     files = [out / "report.md", out / "report.csv", *files]
     public = [
-        {k: r[k] for k in ("dataset", "setting", "norm", "metric", "mean", "std", "n")}
+        {
+            **{k: r[k] for k in ("dataset", "setting", "norm", "metric", "mean", "std", "n")},
+            "runs_at_chance": r["_at_chance"],
+        }
         for r in rows
     ]
-    return Report(markdown=markdown, rows=public, files=files)
+    return Report(
+        markdown=markdown,
+        rows=public,
+        files=files,
+        at_chance=at_chance_lines,
+        unchecked=unchecked_lines,
+    )

@@ -203,8 +203,9 @@ def replicate_id(config: dict[str, Any], seed: int, path: Path, fix: str) -> int
 
 
 def collect_runs(root: Path) -> list[dict[str, Any]]:
-    """All finished runs below ``root``: each ``results.json``, with ``run_dir`` and
-    ``config_identity`` (see :func:`config_identity`) added."""
+    """All finished runs below ``root``: each ``results.json``, with ``run_dir``, its
+    ``config`` (the run's ``config.yaml``) and ``config_identity`` (see :func:`config_identity`)
+    added."""
     if not root.is_dir():
         raise NoRunsError(
             f"{root} is not a directory; give the directory that holds the runs (their "
@@ -222,6 +223,7 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
                 f"{config.get('seed')!r}; {fix}"
             )
         result["run_dir"] = str(path.parent)
+        result["config"] = config
         result["replicate"] = replicate_id(config, result["seed"], path, fix)
         result["config_identity"] = config_identity(config, _read_device(path.parent, fix))
         runs.append(result)

@@ -29,6 +29,7 @@ in :meth:`Task.eval_batch_stats`, which is told the split.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -41,6 +42,8 @@ import adanorm
 __all__ = [
     "Task",
     "Stats",
+    "ChanceLevel",
+    "majority_class_accuracy",
     "register_task",
     "get_task",
     "available_tasks",
@@ -77,6 +80,31 @@ def add_stats(total: Stats, stats: Mapping[str, Any]) -> None:
         if isinstance(value, Tensor):
             value = value.detach().to(torch.float64)
         total[key] = total.get(key, 0.0) + value
+
+
+@dataclass(frozen=True)
+class ChanceLevel:
+    """The validation metric of a predictor that ignores its input, fitted on the train split.
+
+    A run whose best validation metric is no better than this learned nothing from its inputs
+    (an LM stuck at the train split's character frequencies, a classifier that always answers the
+    majority class), however finite its loss.  ``predictor`` says what was fitted, for the tables.
+    """
+
+    metric: str
+    value: float
+    predictor: str
+
+
+def majority_class_accuracy(train_labels: Tensor, valid_labels: Tensor) -> ChanceLevel:
+    """Accuracy (%) on ``valid_labels`` of always answering the most frequent train label (the
+    smallest such label on a tie)."""
+    if train_labels.numel() == 0 or valid_labels.numel() == 0:
+        raise ValueError("majority_class_accuracy needs non-empty train and valid labels")
+    counts = torch.bincount(train_labels.reshape(-1).long())
+    majority = int(counts.argmax())
+    accuracy = 100.0 * float((valid_labels == majority).double().mean())
+    return ChanceLevel("acc", accuracy, f"always the majority train class ({majority})")
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -202,6 +230,13 @@ class Task:
         batch that contributes nothing to some of them."""
         return self.loss(model, batch)[1]
 
+    def chance_level(self) -> ChanceLevel | None:
+        """The validation metric (:attr:`valid_metric`) of the best predictor that ignores its
+        input, fitted on the train split of this config's data; ``None`` where the task defines
+        none.  Reports flag every run that does not beat it.  May raise
+        :class:`~adanorm.lab.data.DataMissingError` when the data is not there."""
+        return None
+
     # --- training state carried across updates ------------------------------------------------
     def begin_train_epoch(self, epoch: int, start_batch: int) -> None:
         """Called before the trainer draws micro-batch ``start_batch`` of epoch ``epoch``: 0 at the
@@ -291,6 +326,13 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, Stats]:
         inputs, labels = batch
         return cross_entropy_stats(model(inputs), labels)
+
+    def chance_level(self) -> ChanceLevel | None:
+        """Always answering the train split's majority class."""
+        train, valid = self.dataset("train"), self.dataset("valid")
+        if not isinstance(train, TensorDataset) or not isinstance(valid, TensorDataset):
+            return None
+        return majority_class_accuracy(train.tensors[-1], valid.tensors[-1])
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from ...data import require_dataset
 from ...schema import Bool, DropoutRate, Int, Sizes, Str, TaskSchema
-from ...task import Stats, Task, register_task
+from ...task import ChanceLevel, Stats, Task, register_task
 from .data import (
     ENWIK8_PROTOCOLS,
     Corpus,
@@ -279,6 +279,18 @@ class LMTask(Task):
             )
         self._stream_position = (int(state["epoch"]), int(state["micro_batch"]))
         self._stream_mems = list(state["mems"])
+
+    def chance_level(self) -> ChanceLevel:
+        """The train split's symbol frequencies (add-one smoothed, so that a symbol unseen in
+        training costs a finite amount) as the prediction for every validation symbol that
+        :meth:`eval_batch_stats` scores (each eval stream's symbols after its first)."""
+        corpus = self.corpus()
+        counts = torch.bincount(corpus.split("train").reshape(-1).long(),
+                                minlength=corpus.vocab_size).double() + 1.0
+        log2_prob = torch.log2(counts / counts.sum())
+        streams = EvalStreams(corpus.split("valid"), int(self.cfg["data"]["eval_streams"]))
+        bpc = -float(log2_prob[streams.streams[:, 1:].long()].mean())
+        return ChanceLevel("bpc", bpc, "unigram of the train split (add-one smoothed)")
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         symbols = stats.get("symbols", 0.0)

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from ...checkpoint import atomic_write_text
 from ...data import data_root, user_cache_dir
 from ...schema import NO_DEFAULT, Bool, DropoutRate, Float, Int, Sizes, Str, TaskSchema
-from ...task import Stats, Task, register_task
+from ...task import ChanceLevel, Stats, Task, register_task
 from .batching import TokenBatches, batches_by_tokens
 from .bleu import (
     SACREBLEU_SMOOTH,
@@ -248,6 +248,27 @@ class MTTask(Task):
             "sentences": float(batch["src"].shape[0]),
         }
         return smoothed / max(tokens, 1), stats
+
+    def chance_level(self) -> ChanceLevel:
+        """The constant target distribution with the lowest label-smoothed train loss,
+        ``q = (1 - eps) * f + eps / V`` with ``f`` the train split's target-token frequencies
+        (eos included; add-one smoothed when eps = 0), scored as the valid metric: the
+        label-smoothed loss over the valid targets."""
+        corpus = self.corpus()
+        vocab, eos, eps = len(corpus.dictionary), corpus.dictionary.eos, self.label_smoothing
+
+        def targets(split: str) -> Tensor:
+            sentences = corpus.splits[split].tgt
+            return torch.cat([*(t.reshape(-1).long() for t in sentences),
+                              torch.full((len(sentences),), eos, dtype=torch.long)])
+
+        counts = torch.bincount(targets("train"), minlength=vocab).double()
+        if eps == 0.0:
+            counts += 1.0
+        log_q = torch.log((1.0 - eps) * counts / counts.sum() + eps / vocab)
+        loss = (1.0 - eps) * -float(log_q[targets("valid")].mean()) + eps * -float(log_q.mean())
+        return ChanceLevel("loss", loss, f"the best constant target-token distribution for the "
+                                         f"label-smoothed loss (eps {eps:g}), fitted on train")
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         tokens = stats.get("tokens", 0.0)

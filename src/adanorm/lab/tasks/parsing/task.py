@@ -44,7 +44,7 @@ from ...schema import (
     StrMap,
     TaskSchema,
 )
-from ...task import Stats, Task, TensorDataset, cross_entropy_stats, register_task
+from ...task import ChanceLevel, Stats, Task, TensorDataset, cross_entropy_stats, register_task
 from . import conll
 from . import data as pd
 from . import transitions as arc_standard
@@ -123,6 +123,25 @@ def attachment_counts(
         out["las_excl"] += float((both_ok & keep).sum())
         out["sentences"] += 1
     return out
+
+
+def adjacent_attachment_uas(sentences: Iterable[pd.EncodedSentence], side: str) -> float:
+    """UAS without punctuation (%) of heading every word by its neighbour on ``side``: a left
+    chain (word i headed by i - 1, the first word by ROOT) or a right chain (word i by i + 1, the
+    last word by ROOT), the parse that ignores the sentence's words."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    correct = counted = 0
+    for sent in sentences:
+        n = len(sent)
+        positions = np.arange(1, n + 1)
+        heads = positions - 1 if side == "left" else np.where(positions < n, positions + 1, 0)
+        keep = ~np.asarray(sent.punct, dtype=bool)
+        correct += int(((heads == np.asarray(sent.heads)) & keep).sum())
+        counted += int(keep.sum())
+    if not counted:
+        raise ValueError("no non-punctuation words to score (empty split?)")
+    return 100.0 * correct / counted
 
 
 # --- the task -----------------------------------------------------------------------------------
@@ -336,6 +355,17 @@ class ParsingTask(Task):
             stats = self.loss(model, (features.to(device), gold.to(device)))[1]
         predicted = greedy_parse(model, sentences, vocab.num_labels)
         return {**stats, **attachment_counts(sentences, predicted)}
+
+    def chance_level(self) -> ChanceLevel:
+        """Every word headed by its neighbour on one fixed side (see
+        :func:`adjacent_attachment_uas`): the side that attaches more train words right, scored
+        as the valid metric (UAS without punctuation)."""
+        _, splits, _ = self.treebank()
+        side = max(("left", "right"), key=lambda s: adjacent_attachment_uas(splits["train"], s))
+        return ChanceLevel(
+            "uas_excl_punct", adjacent_attachment_uas(splits["valid"], side),
+            f"every word headed by its {side} neighbour (the side better on train)",
+        )
 
     def metrics(self, stats: Mapping[str, float]) -> dict[str, float]:
         n = stats.get("n", 0.0)
