@@ -253,8 +253,13 @@ def _write_synthetic_ptb(directory: Path, seed: int = 0) -> dict[str, int]:
 
 
 def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from adanorm.lab.tasks.parsing import task as parsing_module
+
+    # An empty process-level cache, so that the one treebank in it below is this test's (other
+    # tests, the reports' chance check among them, load EWT into it).
+    monkeypatch.setattr(parsing_module, "_TREEBANKS", {})
     sizes = _write_synthetic_ptb(tmp_path / "ptb")
     overrides = [
         "data.name=ptb",
@@ -279,8 +284,6 @@ def test_smoke_training_on_a_synthetic_ptb_through_the_engine(
     assert {r["split"] for r in records} == {"train", "valid", "test"}
     assert all(np.isfinite(r["loss"]) for r in records)
     # The cache file is reused (and equal) by a fresh task in a fresh process-level cache.
-    from adanorm.lab.tasks.parsing import task as parsing_module
-
     (cache_file,) = (tmp_path / "cache").glob("ptb-*.npz")
     first = parsing_module._TREEBANKS.copy()
     parsing_module._TREEBANKS.clear()
