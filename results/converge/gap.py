@@ -29,6 +29,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from adanorm.lab.chance import check_chance
 from adanorm.lab.checkpoint import atomic_write_text
 from adanorm.lab.report import collect_runs, compare, holm, label_settings, verdict
 from adanorm.lab.runs import replicate_of
@@ -88,12 +89,22 @@ def _score(rows: list[dict]) -> None:
         row["verdict"] = verdict(row["result"].delta, p_holm, row["higher_is_better"])
 
 
+def _chance_flag(runs: list[dict], chance: dict) -> str:
+    """What the verdict cell says about runs of the row that never beat their data's chance
+    level (:mod:`adanorm.lab.chance`), or could not be checked."""
+    checks = [chance[run["run_dir"]] for run in runs]
+    at_chance = sum(check.at_chance for check in checks)
+    unchecked = sum(check.level is None for check in checks)
+    flag = f" ⚠ {at_chance} at chance" if at_chance else ""
+    return flag + (f" ({unchecked} runs not checked for chance)" if unchecked else "")
+
+
 def _stat_cells(row: dict) -> str:
     r = row["result"]
     ci = "—" if r.low is None else f"[{r.low:+.3f}, {r.high:+.3f}]"
     p = "—" if r.p is None else f"{r.p:.3g}"
     ph = "—" if row["p_holm"] is None else f"{row['p_holm']:.3g}"
-    return f"{r.delta:+.3f} | {ci} | {r.test} ({r.n}) | {p} | {ph} | {row['verdict']}"
+    return f"{r.delta:+.3f} | {ci} | {r.test} ({r.n}) | {p} | {ph} | {row['verdict']}{row['flag']}"
 
 
 # The paper's figures 2-3, as (kind, what AdaNorm does to it there, higher_is_better for AdaNorm).
@@ -110,6 +121,7 @@ def main(out: Path, roots: list[Path]) -> None:
     adanorm_rows: list[dict] = []
     for root in roots:
         all_runs = collect_runs(root)
+        chance = {check.run_dir: check for check in check_chance(all_runs)}
         runs = [r for r in all_runs if r["norm"] in NORMS]
         for dataset in sorted({r["dataset"] for r in all_runs}):
             column = [r for r in all_runs if r["dataset"] == dataset]
@@ -134,6 +146,9 @@ def main(out: Path, roots: list[Path]) -> None:
                         "result": compare(per["layernorm-simple"], per["layernorm"]),
                         # A smaller gap is better: score it as a lower-is-better metric.
                         "higher_is_better": False,
+                        "flag": _chance_flag(
+                            [r for r in runs if r["dataset"] == dataset], chance
+                        ),
                     }
                 )
             adanorm_runs = [r for r in column if r["norm"] == "adanorm"]
@@ -160,6 +175,12 @@ def main(out: Path, roots: list[Path]) -> None:
                         "per": per,
                         "result": compare(per["adanorm"], per["layernorm"]),
                         "higher_is_better": higher,
+                        "flag": _chance_flag(
+                            at_chosen
+                            + [r for r in runs if r["dataset"] == dataset
+                               and r["norm"] == "layernorm"],
+                            chance,
+                        ),
                     }
                 )
     _score(comparisons)
@@ -176,7 +197,9 @@ def main(out: Path, roots: list[Path]) -> None:
         "the best step and valid is the validation number at that step. Δ = LayerNorm-simple − "
         "LayerNorm (paired over seeds or folds; 95 % t interval); Holm over the rows below. "
         "Verdict for LayerNorm-simple: win = a significantly smaller gap (less over-fitting than "
-        "LayerNorm with gain and bias), loss = larger, tie = not told apart.",
+        "LayerNorm with gain and bias), loss = larger, tie = not told apart. ⚠ n at chance: n "
+        "of the row's runs never beat their data's chance level (`adanorm report`'s check, "
+        "`docs/lab.md`); they are kept, as in the reports.",
         "",
         "| Column | Gap in | LayerNorm | LayerNorm-simple | Δ | 95 % CI | test (n) | p | Holm p "
         "| verdict |",
