@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import flatten_config, resolve
-from .data import DataMissingError
 from .runs import canonical_value
 from .task import ChanceLevel, available_tasks, get_task
 
@@ -72,10 +71,10 @@ def _compute(config: dict[str, Any], data_dir: str | None) -> ChanceLevel | str:
         return f"task {name!r} is not registered here, so its chance level is unknown"
     try:
         level = get_task(name)(config, data_dir).chance_level()
-    except (DataMissingError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:  # DataMissingError, or a file a recipe reads directly
         return f"the data is missing ({exc}); set ADANORM_DATA or pass the data root"
     if level is None:
-        return f"task {config.get('task')!r} defines no chance level"
+        return f"task {name!r} defines no chance level"
     return level
 
 

@@ -182,6 +182,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "std": statistics.stdev(values) if len(values) > 1 else None,
                 "n": len(values),
                 "_seeds": {replicate_of(m): float(m["test"][metric]) for m in members},
+                "_run_dirs": [m["run_dir"] for m in members],
                 "_norm": members[0]["norm"],
                 "_label": members[0].get("test_metric_label", metric),
                 "_higher": higher_is_better(members[0]),
@@ -271,14 +272,13 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({(r["dataset"], r["setting"]) for r in rows})
     for row in rows:
-        members = [
-            run for run in runs
-            if (run["dataset"], run.get("setting", ""), run["norm_label"])
-            == (row["dataset"], row["setting"], row["norm"])
-        ]
-        checked = [chance[run["run_dir"]] for run in members if chance[run["run_dir"]].level]
+        checks = [chance[run_dir] for run_dir in row["_run_dirs"]]
+        # None (unknown) unless every run of the row was checked: a partial count would read as
+        # "none at chance".
         row["_at_chance"] = (
-            sum(check.at_chance for check in checked) if len(checked) == len(members) else None
+            sum(check.at_chance for check in checks)
+            if all(check.level is not None for check in checks)
+            else None
         )
     labels = sorted({r["norm"] for r in rows}, key=_sort_key)
     by_key = {(r["dataset"], r["setting"], r["norm"]): r for r in rows}
