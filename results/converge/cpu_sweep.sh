@@ -40,7 +40,7 @@ staged() {  # staged TASK DATASET FINAL_SEEDS CHOICE_SEEDS: every C at seeds 1..
     sweep "$task" "$dataset" --scales 0.5,1,2,3 --seeds "$(seq -s, 1 "$seed")" --out "$out/runs"
   done
   [ "$final" -gt "$choice" ] || return 0
-  chosen=$(python -m adanorm.lab.select "$out/runs" "$out" \
+  chosen=$(python -m adanorm.lab.select "$out/runs" "$out" --require-scales 0.5,1,2,3 \
     | sed -n "s/^$dataset: AdaNorm C = \([0-9.]*\).*/\1/p")
   [ -n "$chosen" ] || { echo "cpu_sweep.sh: no C chosen for $dataset" >&2; exit 1; }
   for ((seed = choice + 1; seed <= final; seed++)); do

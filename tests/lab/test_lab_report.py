@@ -600,6 +600,37 @@ def test_textcls_select_regenerates_its_reports_in_place(tmp_path: Path) -> None
         select_and_report(runs, tmp_path)
 
 
+def test_select_never_calls_the_only_finished_c_a_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adanorm.lab.select import main as select_main
+    from adanorm.lab.select import select_and_report
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "rt", "layernorm", 1, 73.0)
+    _fake_run(runs, "rt", "adanorm", 1, 74.0, name="adanorm_C0.5", norm_kwargs={"scale": 0.5})
+    out = tmp_path / "out"
+    assert select_main([str(runs), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == "rt: AdaNorm C = 0.5, the only C with a finished run (not chosen)\n"
+    assert "C=0.5, the only C with a finished run)" in (out / "report.md").read_text()
+    assert "nothing was chosen yet" in (out / "adanorm_C_selection.md").read_text()
+    # With the Cs that were meant, a missing one is an error naming it, and nothing is written.
+    with pytest.raises(ValueError, match=r"rt has no finished AdaNorm run at C = 1, 3 "):
+        select_and_report(runs, tmp_path / "strict", required_scales=[0.5, 1, 3])
+    assert not (tmp_path / "strict").exists()
+    assert select_main([str(runs), str(tmp_path / "x"), "--require-scales", "0.5,1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "C = 1 (--require-scales 0.5,1)" in error
+    assert select_main([str(runs), str(tmp_path / "x"), "--require-scales", "0.5,-1"]) == 2
+    assert "expected positive Cs" in capsys.readouterr().err
+    # Once a second C finishes, the choice is a real one and is reported as such.
+    _fake_run(runs, "rt", "adanorm", 1, 70.0, name="adanorm_C1", norm_kwargs={"scale": 1})
+    assert select_main([str(runs), str(out), "--require-scales", "0.5,1"]) == 0
+    assert "(best mean validation metric)" in capsys.readouterr().out
+    assert "nothing was chosen" not in (out / "adanorm_C_selection.md").read_text()
+
+
 REGENERATE = {  # results directory -> the command its README gives
     "mnist": "adanorm report results/mnist/runs --out results/mnist",
     "mnist_converge": "adanorm report results/mnist_converge/runs --out results/mnist_converge",
@@ -619,6 +650,8 @@ REGENERATE = {  # results directory -> the command its README gives
     "results/converge/parsing_cpu",
     "converge/lm_cpu": "python -m adanorm.lab.select results/converge/lm_cpu/runs "
     "results/converge/lm_cpu",
+    "converge/mt_cpu": "python -m adanorm.lab.select results/converge/mt_cpu/runs "
+    "results/converge/mt_cpu",
 }
 # Columns whose tables choose AdaNorm's C on validation (textcls_select writes three tables).
 SELECTED = {
@@ -629,6 +662,7 @@ SELECTED = {
     "converge/rt_cpu",
     "converge/parsing_cpu",
     "converge/lm_cpu",
+    "converge/mt_cpu",
 }
 
 

@@ -13,8 +13,11 @@ test metric is never looked at), and writes:
   at the chosen C;
 * ``<out>/all_scales/``: the same report with every C as its own row.
 
-Usage: ``python -m adanorm.lab.select SWEEP_DIR OUT_DIR`` (any task: text classification and the
-converged columns of ``results/converge`` use it).
+Usage: ``python -m adanorm.lab.select SWEEP_DIR OUT_DIR [--require-scales 0.5,1,2,3]`` (any task:
+text classification and the converged columns of ``results/converge`` use it).  A choice among
+the Cs that happen to have finished is not a choice among the Cs that were meant: with
+``--require-scales`` a C without a finished run is an error, and without it a dataset where a
+single C has finished is labelled as such (nothing was chosen) in the tables and on stdout.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +113,63 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
-    """Copy the runs, choose C per dataset on validation, write the reports; return the Cs."""
+def _scales_text(scales: Sequence[float]) -> str:
+    return ", ".join(f"{scale:g}" for scale in sorted(scales))
+
+
+def scales_per_dataset(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The Cs with a finished run, per dataset, from :func:`choose_scales`' rows."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        found[row["dataset"]].append(row["scale"])
+    return {dataset: sorted(scales) for dataset, scales in found.items()}
+
+
+def check_required_scales(
+    rows: list[dict[str, Any]], required: Sequence[float], datasets: Sequence[str]
+) -> None:
+    """Raise ValueError naming every dataset that lacks a finished run at a required C."""
+    found = scales_per_dataset(rows)
+    problems = []
+    for dataset in sorted(datasets):
+        missing = sorted(set(required) - set(found.get(dataset, [])))
+        if missing:
+            problems.append(f"{dataset} has no finished AdaNorm run at C = {_scales_text(missing)}")
+    if problems:
+        raise ValueError(
+            "; ".join(problems)
+            + f" (--require-scales {','.join(f'{c:g}' for c in sorted(required))}): finish one "
+            "seed of every C before choosing, or drop --require-scales for an interim table"
+        )
+
+
+def select_and_report(
+    sweep_dir: Path, out: Path, required_scales: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Copy the runs, choose C per dataset on validation, write the reports; return the Cs.
+
+    ``required_scales``: the Cs every dataset must have a finished run at (else ValueError)."""
+    return _select(sweep_dir, out, required_scales)[0]
+
+
+def _select(
+    sweep_dir: Path, out: Path, required_scales: Sequence[float] | None
+) -> tuple[dict[str, float], set[str]]:
+    """:func:`select_and_report`, also returning the datasets where a single C has finished."""
     runs = collect_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no finished runs (results.json files) below {sweep_dir}")
     # C is chosen over the seeds of one config per dataset; mixed configs would be pooled.
     label_settings(runs, refuse_mixed=True)
+    if required_scales and not any(_scale(run) is not None for run in runs):
+        raise ValueError(
+            f"no finished AdaNorm run below {sweep_dir}, so C = {_scales_text(required_scales)} "
+            "(--require-scales) cannot be chosen"
+        )
     chosen, rows = choose_scales(runs)
+    if required_scales:
+        check_required_scales(rows, required_scales, sorted({run["dataset"] for run in runs}))
+    single = {d for d, scales in scales_per_dataset(rows).items() if len(scales) == 1}
     out.mkdir(parents=True, exist_ok=True)
     runs_out = out / "runs"
     for run in runs:
@@ -145,6 +198,13 @@ def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
             f"{_fmt(r['valid_common_mean'])} (n = {r['n_common']}) | "
             f"{'**yes**' if r['chosen'] else ''} |"
         )
+    for dataset in sorted(single):
+        lines += [
+            "",
+            f"**{dataset}: only C = {chosen[dataset]:g} has a finished run, so nothing was "
+            "chosen yet**; the report beside this file shows that C as AdaNorm's row, not as a "
+            "choice.",
+        ]
     atomic_write_text(out / "adanorm_C_selection.md", "\n".join(lines) + "\n")
 
     write_report(runs_out, out / "all_scales")
@@ -156,29 +216,54 @@ def select_and_report(sweep_dir: Path, out: Path) -> dict[str, float]:
             relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
             _copy_light(Path(run["run_dir"]), Path(tmp) / relative)
         report = write_report(Path(tmp), out)
-    title = ", ".join(f"{d}: C={c:g}" for d, c in sorted(chosen.items()))
+    title = ", ".join(
+        f"{d}: C={c:g}" + (", the only C with a finished run" if d in single else "")
+        for d, c in sorted(chosen.items())
+    )
     markdown = report.markdown.replace(
         report.markdown.splitlines()[0],
         f"# Results: the five norms, AdaNorm at the C chosen on validation ({title})",
         1,
     )
     atomic_write_text(out / "report.md", markdown)
-    return chosen
+    return chosen, single
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a sweep directory (adanorm sweep --out)")
     parser.add_argument("out", type=Path, help="where the runs and reports are written")
+    parser.add_argument(
+        "--require-scales",
+        default=None,
+        help="comma-separated Cs (e.g. 0.5,1,2,3) that every dataset must have a finished "
+        "AdaNorm run at; without it, whichever Cs finished are compared",
+    )
     args = parser.parse_args(argv)
     try:
-        chosen = select_and_report(args.sweep_dir, args.out)
+        required = _parse_scales(args.require_scales) if args.require_scales else None
+        chosen, single = _select(args.sweep_dir, args.out, required)
     except (ValueError, FileNotFoundError) as error:  # ReportError is a ValueError
         print(f"adanorm.lab.select: error: {error}", file=sys.stderr)
         return 2
     for dataset, scale in sorted(chosen.items()):
-        print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation metric)")
+        if dataset in single:
+            print(f"{dataset}: AdaNorm C = {scale:g}, the only C with a finished run (not chosen)")
+        else:
+            print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation metric)")
     return 0
+
+
+def _parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--require-scales {text!r}: expected comma-separated numbers, e.g. 0.5,1,2,3"
+        ) from None
+    if not scales or any(not scale > 0 for scale in scales):
+        raise ValueError(f"--require-scales {text!r}: expected positive Cs, e.g. 0.5,1,2,3")
+    return scales
 
 
 if __name__ == "__main__":
