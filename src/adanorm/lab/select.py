@@ -117,7 +117,7 @@ def _scales_text(scales: Sequence[float]) -> str:
     return ", ".join(f"{scale:g}" for scale in sorted(scales))
 
 
-def scales_per_dataset(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+def _scales_per_dataset(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     """The Cs with a finished run, per dataset, from :func:`choose_scales`' rows."""
     found: dict[str, list[float]] = defaultdict(list)
     for row in rows:
@@ -125,11 +125,11 @@ def scales_per_dataset(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     return {dataset: sorted(scales) for dataset, scales in found.items()}
 
 
-def check_required_scales(
+def _check_required_scales(
     rows: list[dict[str, Any]], required: Sequence[float], datasets: Sequence[str]
 ) -> None:
     """Raise ValueError naming every dataset that lacks a finished run at a required C."""
-    found = scales_per_dataset(rows)
+    found = _scales_per_dataset(rows)
     problems = []
     for dataset in sorted(datasets):
         missing = sorted(set(required) - set(found.get(dataset, [])))
@@ -161,15 +161,10 @@ def _select(
         raise FileNotFoundError(f"no finished runs (results.json files) below {sweep_dir}")
     # C is chosen over the seeds of one config per dataset; mixed configs would be pooled.
     label_settings(runs, refuse_mixed=True)
-    if required_scales and not any(_scale(run) is not None for run in runs):
-        raise ValueError(
-            f"no finished AdaNorm run below {sweep_dir}, so C = {_scales_text(required_scales)} "
-            "(--require-scales) cannot be chosen"
-        )
     chosen, rows = choose_scales(runs)
     if required_scales:
-        check_required_scales(rows, required_scales, sorted({run["dataset"] for run in runs}))
-    single = {d for d, scales in scales_per_dataset(rows).items() if len(scales) == 1}
+        _check_required_scales(rows, required_scales, sorted({run["dataset"] for run in runs}))
+    single = {d for d, scales in _scales_per_dataset(rows).items() if len(scales) == 1}
     out.mkdir(parents=True, exist_ok=True)
     runs_out = out / "runs"
     for run in runs:
@@ -255,13 +250,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_scales(text: str) -> list[float]:
+    from .sweep import parse_list  # sweep's --scales parser; imported late, as the CLI does
+
     try:
-        scales = [float(item) for item in text.split(",") if item.strip()]
+        scales = [float(item) for item in parse_list(text, "require-scales")]
     except ValueError:
         raise ValueError(
             f"--require-scales {text!r}: expected comma-separated numbers, e.g. 0.5,1,2,3"
         ) from None
-    if not scales or any(not scale > 0 for scale in scales):
+    if any(not scale > 0 for scale in scales):
         raise ValueError(f"--require-scales {text!r}: expected positive Cs, e.g. 0.5,1,2,3")
     return scales
 
