@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The CPU columns of results/converge (issue #13): trained to convergence on this project's CPU
-# machine, one torch thread per run.
+# machine, one torch thread per run unless THREADS says otherwise.
 #
 #   results/converge/cpu_sweep.sh sst5|rt|lm|parsing|mt  (JOBS=2: two runs side by side; default 1)
+#   JOBS=1 THREADS=2 results/converge/cpu_sweep.sh mt    (one run at a time on both cores: for a
+#       run too long to finish inside one working period at 1 thread; train.threads only changes
+#       the summation order, so such runs pool with the 1-thread ones)
 #
 # sst5, lm: stage 1 runs every norm and AdaNorm at C = 0.5, 1, 2, 3 (k = 0.1) for seeds 1-3, a
 #           seed at a time so an interrupted sweep stays balanced; C is then chosen on validation
@@ -12,8 +15,9 @@
 # mt:       stage 1 at seed 1 only (every norm and every C), C chosen on that seed's validation
 #           loss, then stage 2 runs seeds 2 and 3 of the four norms and AdaNorm at the chosen C:
 #           18 runs, not 24.  A run is the `converge` preset's 3+3 pre-norm Transformer, bf16
-#           autocast, about 1,400 target tokens per second at 1 thread: 1.5-3 hours, resumable
-#           every 250 updates within a working period (checkpoints are not committed).
+#           autocast, about 1,400 target tokens per second at 1 thread: 1.3-3 hours (AdaNorm
+#           C = 3 longer), resumable every 250 updates within a working period (checkpoints are
+#           not committed); JOBS=1 THREADS=2 gives each run about 1.6 times the speed.
 # rt:       the 10-fold cross-validation (data.protocol=cv10): every norm and every C on fold 0,
 #           then fold 1, ... (seed 1; the folds are the replicates); C is chosen over the folds.
 # Finished runs are skipped, so re-running the script resumes it; the tables are written last:
@@ -22,7 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 column=${1:?usage: cpu_sweep.sh sst5|rt|lm|parsing|mt}
 export ADANORM_DATA="${ADANORM_DATA:-../shared/data}"
-export OMP_NUM_THREADS=1
+THREADS="${THREADS:-1}"
+export OMP_NUM_THREADS="$THREADS"
 ADANORM="${ADANORM:-adanorm}"   # e.g. ADANORM="python -m adanorm.lab.cli" from a source tree
 JOBS="${JOBS:-1}"
 norms=layernorm,adanorm,layernorm-simple,none,detachnorm
@@ -30,7 +35,7 @@ out="results/converge/${column}_cpu"
 sweep() {  # sweep TASK DATASET [adanorm sweep options...]
   local task=$1 dataset=$2
   shift 2
-  $ADANORM sweep "$task" --preset converge --datasets "$dataset" --threads 1 --jobs "$JOBS" \
+  $ADANORM sweep "$task" --preset converge --datasets "$dataset" --threads "$THREADS" --jobs "$JOBS" \
     --no-report --norms "$norms" "$@"
 }
 staged() {  # staged TASK DATASET FINAL_SEEDS CHOICE_SEEDS: every C at seeds 1..CHOICE_SEEDS,
