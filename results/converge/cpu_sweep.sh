@@ -17,7 +17,8 @@
 #           18 runs, not 24.  A run is the `converge` preset's 3+3 pre-norm Transformer, bf16
 #           autocast, about 1,400 target tokens per second at 1 thread: 1.3-3 hours (AdaNorm
 #           C = 3 longer), resumable every 250 updates within a working period (checkpoints are
-#           not committed); JOBS=1 THREADS=2 gives each run about 1.6 times the speed.
+#           not committed); JOBS=1 THREADS=2 gives a run about 1.6 times the updates per
+#           second of 1 thread alone (a 130 s probe, see README.md).
 # rt:       the 10-fold cross-validation (data.protocol=cv10): every norm and every C on fold 0,
 #           then fold 1, ... (seed 1; the folds are the replicates); C is chosen over the folds.
 # Finished runs are skipped, so re-running the script resumes it; the tables are written last:
