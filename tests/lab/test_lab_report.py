@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,14 @@ def test_report_rows_tables_and_plots(fake_sweep: Path) -> None:
     report = write_report(fake_sweep)
     rows = {(r["dataset"], r["norm"]): r for r in report.rows}
     assert set(report.rows[0]) == {
-        "dataset", "setting", "norm", "metric", "mean", "std", "n", "runs_at_chance"
+        "dataset",
+        "setting",
+        "norm",
+        "metric",
+        "mean",
+        "std",
+        "n",
+        "runs_at_chance",
     }
     assert {r["setting"] for r in report.rows} == {""}  # one config per dataset: no labels
     assert rows[("mnist", "adanorm")]["mean"] == pytest.approx(99.4)
@@ -631,6 +639,107 @@ def test_select_never_calls_the_only_finished_c_a_choice(
     assert "nothing was chosen" not in (out / "adanorm_C_selection.md").read_text()
 
 
+def _plan(root: Path, runs: list[str], **extra: object) -> None:
+    """The ``sweep.json`` that ``adanorm sweep`` writes at the top of its ``--out``."""
+    plan = {"task": "textcls", "preset": "cpu", "overrides": [], "command": "x", "runs": runs}
+    (root / "sweep.json").write_text(json.dumps({**plan, **extra}))
+
+
+def test_select_calls_a_choice_interim_while_its_sweep_plans_more(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adanorm.lab.select import main as select_main
+    from adanorm.lab.select import select_and_report
+
+    runs = tmp_path / "runs"
+    _fake_run(runs, "rt", "layernorm", 1, 73.0)
+    for scale, valid in ((0.5, 70.0), (1, 72.0)):
+        kwargs = {"scale": scale}
+        _fake_run(
+            runs,
+            "rt",
+            "adanorm",
+            1,
+            75.0,
+            name=f"adanorm_C{scale:g}",
+            norm_kwargs=kwargs,
+            valid=valid,
+        )
+    # Stage 1 of the sweep plans C = 3 too, and it has not finished (nor started).
+    stage1 = [
+        "rt/layernorm/seed1",
+        "rt/adanorm_C0.5/seed1",
+        "rt/adanorm_C1/seed1",
+        "rt/adanorm_C3/seed1",
+        "rt/none/seed1",
+    ]
+    _plan(runs, stage1)
+    out = tmp_path / "out"
+    assert select_main([str(runs), str(out)]) == 0
+    assert capsys.readouterr().out == (
+        "rt: AdaNorm C = 1, best so far (interim: C = 3 (seed 1) not finished)\n"
+    )
+    selection = (out / "adanorm_C_selection.md").read_text()
+    assert "| rt | 1 | 1 | 72.00 ± — | 75.00 ± — | 72.00 (n = 1) | best so far (interim) |" in (
+        selection
+    )
+    assert "**yes**" not in selection
+    assert "would enter the comparison: C = 3 (seed 1)." in selection
+    assert "(rt: C=1, interim: C = 3 (seed 1) not finished)" in (out / "report.md").read_text()
+    # The plan travels with the copies, so they regenerate the same interim table.
+    assert json.loads((out / "runs" / "sweep.json").read_text())["runs"] == stage1
+    again = tmp_path / "again"
+    select_and_report(out / "runs", again)
+    assert (again / "adanorm_C_selection.md").read_text() == selection
+    # A real choice is refused until the plan is done, in one line naming the missing run.
+    assert select_main([str(runs), str(tmp_path / "x"), "--require-scales", "0.5,1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "rt has unfinished planned AdaNorm runs at C = 3 (seed 1)" in error
+    assert not (tmp_path / "x").exists()
+    # Once C = 3 finishes, the choice is real.
+    _fake_run(
+        runs, "rt", "adanorm", 1, 71.0, name="adanorm_C3", norm_kwargs={"scale": 3}, valid=60.0
+    )
+    assert select_main([str(runs), str(out), "--require-scales", "0.5,1,3"]) == 0
+    assert capsys.readouterr().out == "rt: AdaNorm C = 1 (best mean validation metric)\n"
+    assert "| 72.00 (n = 1) | **yes** |" in (out / "adanorm_C_selection.md").read_text()
+    # Stage 2: more seeds of the chosen C alone cannot change the choice: not interim.
+    _plan(
+        runs,
+        ["rt/layernorm/seed1", "rt/layernorm/seed2", "rt/adanorm_C1/seed1", "rt/adanorm_C1/seed2"],
+    )
+    assert select_and_report(runs, out, required_scales=[0.5, 1, 3]) == {"rt": 1.0}
+    # Seed 2 of every C planned and unfinished: it would join the seeds C is chosen over.
+    _plan(runs, [f"rt/adanorm_C{c}/seed2" for c in ("0.5", "1", "3")])
+    select_main([str(runs), str(out)])
+    assert capsys.readouterr().out == (
+        "rt: AdaNorm C = 1, best so far (interim: C = 0.5 (seed 2); C = 1 (seed 2); "
+        "C = 3 (seed 2) not finished)\n"
+    )
+    (runs / "sweep.json").write_text("{")
+    assert select_main([str(runs), str(out)]) == 2
+    assert "sweep.json: not a sweep plan as adanorm sweep writes it" in capsys.readouterr().err
+
+
+def test_a_sweep_run_path_parses_back_to_its_run() -> None:
+    from adanorm.lab.sweep import parse_run_path
+
+    planned = plan_sweep(
+        "digits",
+        Path("out"),
+        ["layernorm-simple", "adanorm", "detachnorm"],
+        [1, 12],
+        scales=[0.5, 1.0, 2.5],
+    )
+    for run in planned:
+        relative = run.run_dir.relative_to("out")
+        assert parse_run_path(relative) == replace(run, run_dir=relative)
+    for bad in ("digits/adanorm_C1", "digits/adanorm/run1", "a/b/c/seed1", "digits/_C2/seed1"):
+        with pytest.raises(ValueError, match=f"sweep run {bad!r}: .*<dataset>/<norm>"):
+            parse_run_path(bad)
+
+
 REGENERATE = {  # results directory -> the command its README gives
     "mnist": "adanorm report results/mnist/runs --out results/mnist",
     "mnist_converge": "adanorm report results/mnist_converge/runs --out results/mnist_converge",
@@ -830,8 +939,14 @@ def test_gap_compares_adanorm_at_the_chosen_c_only(tmp_path: Path) -> None:
         for scale, valid, train_loss in ((1.0, 97.0, 0.50), (2.0, 98.0, 0.20 + seed / 100)):
             _set_losses(
                 _fake_run(
-                    runs, "mnist", "adanorm", seed, 99.0, name=f"adanorm_C{scale:g}",
-                    norm_kwargs={"scale": scale}, valid=valid,
+                    runs,
+                    "mnist",
+                    "adanorm",
+                    seed,
+                    99.0,
+                    name=f"adanorm_C{scale:g}",
+                    norm_kwargs={"scale": scale},
+                    valid=valid,
                 ),
                 train_loss,
                 0.25,

@@ -18,11 +18,15 @@ text classification and the converged columns of ``results/converge`` use it).  
 the Cs that happen to have finished is not a choice among the Cs that were meant: with
 ``--require-scales`` a C without a finished run is an error, and without it a dataset where a
 single C has finished is labelled as such (nothing was chosen) in the tables and on stdout.
+Likewise a sweep still under way: when a ``sweep.json`` below SWEEP_DIR plans AdaNorm runs that
+have not finished and would enter the comparison (a C not yet run, or a seed every C will share),
+the C marked is only the best so far, labelled interim; with ``--require-scales`` it is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -73,8 +77,9 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
         valid = [float(m["valid"][valid_key]) for m in members]
         test = [float(m["test"][test_key]) for m in members]
         # In a fixed order: fold ids are strings, and a set's order of them varies per process.
-        shared = [float(by_replicate[r]["valid"][valid_key]) for r in sorted(
-            common[dataset], key=str)]
+        shared = [
+            float(by_replicate[r]["valid"][valid_key]) for r in sorted(common[dataset], key=str)
+        ]
         rows.append(
             {
                 "dataset": dataset,
@@ -98,6 +103,80 @@ def choose_scales(runs: list[dict[str, Any]]) -> tuple[dict[str, float], list[di
     for row in rows:
         row["chosen"] = chosen[row["dataset"]] == row["scale"]
     return chosen, rows
+
+
+def _replicate_text(replicate: int | str) -> str:
+    return f"seed {replicate}" if isinstance(replicate, int) else str(replicate)
+
+
+def _unfinished_adanorm_runs(sweep_dir: Path) -> list[tuple[str, float, int | str]]:
+    """``(dataset, C, replicate)`` of every AdaNorm run that a ``sweep.json`` below
+    ``sweep_dir`` plans and that has no ``results.json`` yet."""
+    # Late imports, as the CLI does: the config machinery is only needed when a plan exists.
+    from .config import load_config
+    from .runs import replicate_id
+    from .sweep import parse_run_path
+
+    unfinished = []
+    for plan_path in sorted(sweep_dir.rglob("sweep.json")):
+        try:
+            plan = json.loads(plan_path.read_text())
+            task, preset = plan["task"], plan["preset"]
+            overrides, listed = list(plan["overrides"]), list(plan["runs"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{plan_path}: not a sweep plan as adanorm sweep writes it ({error!r}); restore "
+                "it from git or delete it to compare only the finished runs"
+            ) from None
+        for relative in listed:
+            run_dir = plan_path.parent / relative
+            if (run_dir / "results.json").exists():
+                continue
+            run = parse_run_path(relative)
+            if run.norm != "adanorm":
+                continue
+            config = load_config(task, preset, [*overrides, *run.overrides()])
+            scale = float((config["model"].get("norm_kwargs") or {}).get("scale", 1.0))
+            fix = f"check the overrides of {plan_path}"
+            unfinished.append((run.dataset, scale, replicate_id(config, run.seed, run_dir, fix)))
+    return unfinished
+
+
+def _interim_datasets(
+    runs: list[dict[str, Any]], unfinished: list[tuple[str, float, int | str]]
+) -> dict[str, str]:
+    """Per dataset whose choice the unfinished planned runs could still change, those runs as
+    text (``C = 3 (seed 1)``): a C with no finished run yet, or a replicate that every C will
+    share once the plan is done, so that it would join the replicates C is chosen over."""
+    finished: dict[str, dict[float, set[int | str]]] = defaultdict(lambda: defaultdict(set))
+    for run in runs:
+        scale = _scale(run)
+        if scale is not None:
+            finished[run["dataset"]][scale].add(replicate_of(run))
+    planned: dict[str, dict[float, set[int | str]]] = defaultdict(lambda: defaultdict(set))
+    for dataset, scale, replicate in unfinished:
+        planned[dataset][scale].add(replicate)
+    interim = {}
+    for dataset, pending in sorted(planned.items()):
+        now = finished.get(dataset)
+        if not now:
+            continue  # no AdaNorm run finished: nothing is chosen or reported for it
+        later = {c: now.get(c, set()) | pending.get(c, set()) for c in set(now) | set(pending)}
+        common_now = set.intersection(*now.values())
+        common_later = set.intersection(*later.values())
+        if set(later) == set(now) and common_later == common_now:
+            continue  # e.g. more seeds of the chosen C only: the comparison is already fixed
+        parts = []
+        for scale in sorted(pending):
+            matter = sorted(
+                (r for r in pending[scale] if scale not in now or r in common_later), key=str
+            )
+            if matter:
+                parts.append(f"C = {scale:g} ({', '.join(_replicate_text(r) for r in matter)})")
+        interim[dataset] = "; ".join(parts) or "; ".join(
+            f"C = {scale:g}" for scale in sorted(pending)
+        )
+    return interim
 
 
 def _copy_light(run_dir: Path, target: Path) -> None:
@@ -154,8 +233,9 @@ def select_and_report(
 
 def _select(
     sweep_dir: Path, out: Path, required_scales: Sequence[float] | None
-) -> tuple[dict[str, float], set[str]]:
-    """:func:`select_and_report`, also returning the datasets where a single C has finished."""
+) -> tuple[dict[str, float], set[str], dict[str, str]]:
+    """:func:`select_and_report`, also returning the datasets where a single C has finished
+    and, per dataset whose choice is interim, the unfinished planned runs that make it so."""
     runs = collect_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no finished runs (results.json files) below {sweep_dir}")
@@ -164,12 +244,28 @@ def _select(
     chosen, rows = choose_scales(runs)
     if required_scales:
         _check_required_scales(rows, required_scales, sorted({run["dataset"] for run in runs}))
+    interim = _interim_datasets(runs, _unfinished_adanorm_runs(sweep_dir))
+    if required_scales and interim:
+        raise ValueError(
+            "; ".join(
+                f"{d} has unfinished planned AdaNorm runs at {text}"
+                for d, text in sorted(interim.items())
+            )
+            + f" (a sweep.json below {sweep_dir}): finish them before choosing with "
+            "--require-scales, or drop it for an interim table"
+        )
     single = {d for d, scales in _scales_per_dataset(rows).items() if len(scales) == 1}
     out.mkdir(parents=True, exist_ok=True)
     runs_out = out / "runs"
     for run in runs:
         relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
         _copy_light(Path(run["run_dir"]), runs_out / relative)
+    # The plans travel with the runs, so the committed copies regenerate the interim labels.
+    for plan_path in sweep_dir.rglob("sweep.json"):
+        target = runs_out / plan_path.relative_to(sweep_dir)
+        if not (target.exists() and target.samefile(plan_path)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(plan_path, target)
 
     valid_metric, test_metric = runs[0]["valid_metric"], runs[0]["test_metric"]
     best = "highest" if runs[0].get("valid_mode", "max") == "max" else "lowest"
@@ -186,12 +282,20 @@ def _select(
         f"(mean ± std) | valid {valid_metric}, seeds every C ran | chosen |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def mark(row: dict[str, Any]) -> str:
+        if not row["chosen"]:
+            return ""
+        if row["dataset"] in interim:
+            return "best so far (interim)"
+        return "only C run" if row["dataset"] in single else "**yes**"
+
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['scale']:g} | {r['n']} | {_fmt(r['valid_mean'])} ± "
             f"{_fmt(r['valid_std'])} | {_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | "
             f"{_fmt(r['valid_common_mean'])} (n = {r['n_common']}) | "
-            f"{'**yes**' if r['chosen'] else ''} |"
+            f"{mark(r)} |"
         )
     for dataset in sorted(single):
         lines += [
@@ -199,6 +303,13 @@ def _select(
             f"**{dataset}: only C = {chosen[dataset]:g} has a finished run, so nothing was "
             "chosen yet**; the report beside this file shows that C as AdaNorm's row, not as a "
             "choice.",
+        ]
+    for dataset, pending in sorted(interim.items()):
+        lines += [
+            "",
+            f"**{dataset}: interim, not a choice yet**: the sweep plans AdaNorm runs that have "
+            f"not finished and would enter the comparison: {pending}. The C marked is the best "
+            "so far; the report beside this file shows it as AdaNorm's row.",
         ]
     atomic_write_text(out / "adanorm_C_selection.md", "\n".join(lines) + "\n")
 
@@ -211,17 +322,22 @@ def _select(
             relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
             _copy_light(Path(run["run_dir"]), Path(tmp) / relative)
         report = write_report(Path(tmp), out)
-    title = ", ".join(
-        f"{d}: C={c:g}" + (", the only C with a finished run" if d in single else "")
-        for d, c in sorted(chosen.items())
-    )
+
+    def status(dataset: str) -> str:
+        if dataset in single:
+            return ", the only C with a finished run"
+        if dataset in interim:
+            return f", interim: {interim[dataset]} not finished"
+        return ""
+
+    title = ", ".join(f"{d}: C={c:g}{status(d)}" for d, c in sorted(chosen.items()))
     markdown = report.markdown.replace(
         report.markdown.splitlines()[0],
         f"# Results: the five norms, AdaNorm at the C chosen on validation ({title})",
         1,
     )
     atomic_write_text(out / "report.md", markdown)
-    return chosen, single
+    return chosen, single, interim
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,13 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         required = _parse_scales(args.require_scales) if args.require_scales else None
-        chosen, single = _select(args.sweep_dir, args.out, required)
+        chosen, single, interim = _select(args.sweep_dir, args.out, required)
     except (ValueError, FileNotFoundError) as error:  # ReportError is a ValueError
         print(f"adanorm.lab.select: error: {error}", file=sys.stderr)
         return 2
     for dataset, scale in sorted(chosen.items()):
         if dataset in single:
             print(f"{dataset}: AdaNorm C = {scale:g}, the only C with a finished run (not chosen)")
+        elif dataset in interim:
+            print(
+                f"{dataset}: AdaNorm C = {scale:g}, best so far (interim: {interim[dataset]} "
+                "not finished)"
+            )
         else:
             print(f"{dataset}: AdaNorm C = {scale:g} (best mean validation metric)")
     return 0

@@ -30,7 +30,7 @@ from .config import (
     resume_changes,
 )
 
-__all__ = ["SweepRun", "plan_sweep", "run_sweep", "parse_seeds", "parse_list"]
+__all__ = ["SweepRun", "plan_sweep", "run_sweep", "parse_seeds", "parse_list", "parse_run_path"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,28 @@ def parse_seeds(text: str) -> list[int]:
 
 def _label(norm: str, scale: float | None) -> str:
     return norm if scale is None else f"{norm}_C{scale:g}"
+
+
+def parse_run_path(relative: str | Path) -> SweepRun:
+    """The run a sweep's ``sweep.json`` lists as ``relative`` (``<dataset>/<label>/seed<k>``,
+    relative to its ``--out``), with ``run_dir`` left relative: the inverse of
+    :func:`plan_sweep`'s layout, so a run that has not started can still be named."""
+    parts = Path(relative).parts
+    fix = "expected <dataset>/<norm>[_C<scale>]/seed<k>, as adanorm sweep writes it"
+    if len(parts) != 3 or not parts[2].startswith("seed") or not parts[2][4:].isdigit():
+        raise ConfigError(f"sweep run {str(relative)!r}: {fix}")
+    norm, marker, scale_text = parts[1].rpartition("_C")
+    scale = None
+    if marker:
+        try:
+            scale = float(scale_text)
+        except ValueError:
+            norm = parts[1]  # a norm whose own name holds "_C"
+    else:
+        norm = scale_text
+    if not norm:
+        raise ConfigError(f"sweep run {str(relative)!r}: no norm in {parts[1]!r}; {fix}")
+    return SweepRun(parts[0], norm, scale, int(parts[2][4:]), Path(relative))
 
 
 def plan_sweep(
