@@ -109,16 +109,16 @@ def _replicate_text(replicate: int | str) -> str:
     return f"seed {replicate}" if isinstance(replicate, int) else str(replicate)
 
 
-def _unfinished_adanorm_runs(sweep_dir: Path) -> list[tuple[str, float, int | str]]:
-    """``(dataset, C, replicate)`` of every AdaNorm run that a ``sweep.json`` below
-    ``sweep_dir`` plans and that has no ``results.json`` yet."""
+def _unfinished_adanorm_runs(plan_paths: Sequence[Path]) -> list[tuple[str, float, int | str]]:
+    """``(dataset, C, replicate)`` of every AdaNorm run that a sweep plan (``sweep.json``) in
+    ``plan_paths`` lists and that has no ``results.json`` yet."""
     # Late imports, as the CLI does: the config machinery is only needed when a plan exists.
     from .config import load_config
     from .runs import replicate_id
     from .sweep import parse_run_path
 
     unfinished = []
-    for plan_path in sorted(sweep_dir.rglob("sweep.json")):
+    for plan_path in plan_paths:
         try:
             plan = json.loads(plan_path.read_text())
             task, preset = plan["task"], plan["preset"]
@@ -173,9 +173,9 @@ def _interim_datasets(
             )
             if matter:
                 parts.append(f"C = {scale:g} ({', '.join(_replicate_text(r) for r in matter)})")
-        interim[dataset] = "; ".join(parts) or "; ".join(
-            f"C = {scale:g}" for scale in sorted(pending)
-        )
+        # Never empty: a new C's runs all matter, and a replicate that joins the common set is
+        # pending for some C that already has finished runs.
+        interim[dataset] = "; ".join(parts)
     return interim
 
 
@@ -244,7 +244,8 @@ def _select(
     chosen, rows = choose_scales(runs)
     if required_scales:
         _check_required_scales(rows, required_scales, sorted({run["dataset"] for run in runs}))
-    interim = _interim_datasets(runs, _unfinished_adanorm_runs(sweep_dir))
+    plan_paths = sorted(sweep_dir.rglob("sweep.json"))
+    interim = _interim_datasets(runs, _unfinished_adanorm_runs(plan_paths))
     if required_scales and interim:
         raise ValueError(
             "; ".join(
@@ -261,7 +262,7 @@ def _select(
         relative = Path(run["run_dir"]).resolve().relative_to(sweep_dir.resolve())
         _copy_light(Path(run["run_dir"]), runs_out / relative)
     # The plans travel with the runs, so the committed copies regenerate the interim labels.
-    for plan_path in sweep_dir.rglob("sweep.json"):
+    for plan_path in plan_paths:
         target = runs_out / plan_path.relative_to(sweep_dir)
         if not (target.exists() and target.samefile(plan_path)):
             target.parent.mkdir(parents=True, exist_ok=True)
