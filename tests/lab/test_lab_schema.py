@@ -338,3 +338,28 @@ def test_sweep_refuses_a_preset_edited_mid_sweep(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"seed2 was finished with a different config .*max_st"):
         run_sweep("digits", out, runs, preset="smoke", overrides=["train.max_steps=48"])
     assert not (out / "sweep.json").exists()
+
+
+def test_sweep_over_finished_runs_may_change_only_what_the_report_pools_over(
+    tmp_path: Path,
+) -> None:
+    # A finished 1-thread run pools with 2-thread runs in the report (train.threads changes only
+    # the summation order), so a later `--threads 2` sweep that skips it must not refuse; a key
+    # the report splits on still refuses, and a started run is resumed only with its own threads.
+    out = tmp_path / "sweep"
+    finished, started = plan_sweep("digits", out, ["layernorm"], [1, 2])
+    for run in (finished, started):
+        run.run_dir.mkdir(parents=True)
+        cfg = load_config("digits", "smoke", ["train.threads=1", *run.overrides()])
+        (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (finished.run_dir / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"seed2 was started with a different config .*threads"):
+        run_sweep("digits", out, [finished, started], preset="smoke",
+                  overrides=["train.threads=2", "train.log_every=7"])
+    assert not (out / "sweep.json").exists()
+    attempted = run_sweep("digits", out, [finished], preset="smoke",
+                          overrides=["train.threads=2", "train.log_every=7"])
+    assert attempted == [] and (out / "sweep.json").exists()
+    with pytest.raises(ConfigError, match=r"seed1 was finished with a different config .*optim.lr"):
+        run_sweep("digits", out, [finished], preset="smoke",
+                  overrides=["train.threads=2", "optim.lr=0.5"])

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -475,16 +475,20 @@ def _longer_or_equal(old: int, new: int) -> bool:
 
 
 def resume_changes(
-    saved: Mapping[str, Any], new: Mapping[str, Any], *, allow_longer: bool = True
+    saved: Mapping[str, Any],
+    new: Mapping[str, Any],
+    *,
+    allow_longer: bool = True,
+    ignore: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """The keys that differ between the config a run was started with and ``new``, other than
-    cosmetic keys and (with ``allow_longer``) a longer ``train.max_steps``/``max_epochs``;
-    empty if resuming is safe."""
+    cosmetic keys, keys for which ``ignore(key)`` is true, and (with ``allow_longer``) a longer
+    ``train.max_steps``/``max_epochs``; empty if resuming is safe."""
     old_flat, new_flat = flatten_config(saved), flatten_config(new)
     changed = []
     for key in sorted(set(old_flat) | set(new_flat)):
         old, value = old_flat.get(key, "<absent>"), new_flat.get(key, "<absent>")
-        if old == value or key in _COSMETIC:
+        if old == value or key in _COSMETIC or (ignore is not None and ignore(key)):
             continue
         if allow_longer and key in _LENGTH and isinstance(old, int) and isinstance(value, int):
             if _longer_or_equal(old, value):

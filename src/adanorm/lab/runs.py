@@ -13,6 +13,7 @@ import yaml
 
 __all__ = [
     "IGNORED_KEYS",
+    "pooled_key",
     "ReportError",
     "NoRunsError",
     "collect_runs",
@@ -103,7 +104,9 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _ignored(key: str) -> bool:
+def pooled_key(key: str) -> bool:
+    """Whether runs that differ in the flat config ``key`` (``"train.threads"``) still pool:
+    :data:`IGNORED_KEYS` and every ``data.<anything>_dir``."""
     return key in IGNORED_KEYS or (key.startswith("data.") and key.endswith("_dir"))
 
 
@@ -118,7 +121,7 @@ def config_identity(config: dict[str, Any], device: str | None) -> dict[str, str
     identity = {
         key: json.dumps(value, sort_keys=True)
         for key, value in flat.items()
-        if not _ignored(key) and key not in ROW_KEYS
+        if not pooled_key(key) and key not in ROW_KEYS
     }
     identity[DEVICE_KEY] = json.dumps(device if device is not None else ABSENT)
     return identity

@@ -29,6 +29,7 @@ from .config import (
     resolve,
     resume_changes,
 )
+from .runs import pooled_key
 
 __all__ = ["SweepRun", "plan_sweep", "run_sweep", "parse_seeds", "parse_list", "parse_run_path"]
 
@@ -127,8 +128,10 @@ def plan_sweep(
 
 
 def _check_unchanged(run: SweepRun, cfg: dict) -> None:
-    """Refuse a sweep whose config differs from one its run ``run`` was started with: a finished
-    run must match exactly (it is not re-run), a started one may only get longer."""
+    """Refuse a sweep whose config differs from one its run ``run`` was started with: a started
+    run may only get longer (it resumes from its checkpoint); a finished run is not re-run, so it
+    must match in every key the report does not pool over (a finished 1-thread run pools with
+    the 2-thread runs a later ``--threads 2`` sweep adds; a longer max_steps would not)."""
     saved_path = run.run_dir / "config.yaml"
     if not saved_path.exists():
         return
@@ -136,7 +139,10 @@ def _check_unchanged(run: SweepRun, cfg: dict) -> None:
         saved = resolve(read_yaml_mapping(saved_path, "a run's config.yaml"))
     except ConfigError as exc:
         raise ConfigError(f"{saved_path}: {exc}; cannot compare it with this sweep") from exc
-    changed = resume_changes(saved, cfg, allow_longer=not run.finished)
+    if run.finished:
+        changed = resume_changes(saved, cfg, allow_longer=False, ignore=pooled_key)
+    else:
+        changed = resume_changes(saved, cfg)
     if changed:
         state = "finished" if run.finished else "started"
         raise ConfigError(
