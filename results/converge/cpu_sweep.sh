@@ -21,11 +21,19 @@
 #           second of 1 thread alone (a 130 s probe, see README.md).
 # rt:       the 10-fold cross-validation (data.protocol=cv10): every norm and every C on fold 0,
 #           then fold 1, ... (seed 1; the folds are the replicates); C is chosen over the folds.
+# divergence: results/divergence's deep post-norm Transformer (preset mt/diverge: 6+6 layers of
+#           width 512, 600 updates of ~8K tokens, bf16 autocast) for the runs no GPU call made:
+#           DetachNorm, AdaNorm (C = 2) and w/o Norm, then LayerNorm, seeds 1-3, each only where
+#           its seed has neither finished nor stopped on a non-finite loss (that is an outcome,
+#           never re-run).  ARM=short_warmup:400 runs the second arm instead of paper_warmup:8000.
+#           Checkpoints every 50 updates, so a run cut off by the end of a working period resumes
+#           while its working tree survives.  The table: python results/divergence/analyze.py
+#           results/divergence (each seed's device is a column of it).
 # Finished runs are skipped, so re-running the script resumes it; the tables are written last:
 #   python -m adanorm.lab.select results/converge/<column>_cpu/runs results/converge/<column>_cpu
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-column=${1:?usage: cpu_sweep.sh sst5|rt|lm|parsing|mt}
+column=${1:?usage: cpu_sweep.sh sst5|rt|lm|parsing|mt|divergence}
 export ADANORM_DATA="${ADANORM_DATA:-../shared/data}"
 THREADS="${THREADS:-1}"
 export OMP_NUM_THREADS="$THREADS"
@@ -53,7 +61,37 @@ staged() {  # staged TASK DATASET FINAL_SEEDS CHOICE_SEEDS: every C at seeds 1..
     sweep "$task" "$dataset" --scales "$chosen" --seeds "$(seq -s, 1 "$seed")" --out "$out/runs"
   done
 }
+divergence() {  # the runs of results/divergence/<arm>/runs that no device has made yet
+  local arm=${ARM:-paper_warmup:8000} norm label seed seeds run scales
+  local out="results/divergence/${arm%%:*}/runs"
+  for norm in detachnorm adanorm none layernorm; do
+    label=$norm scales=()
+    [ "$norm" = adanorm ] && label=adanorm_C2 scales=(--scales 2)
+    seeds=""
+    for seed in 1 2 3; do
+      run="$out/multi30k/$label/seed$seed"
+      [ -f "$run/results.json" ] && continue
+      grep -qs "non-finite training loss" "$run/train.log" && continue
+      seeds+="$seed,"  # a list even for one seed ("3" alone would mean seeds 1-3)
+    done
+    [ -n "$seeds" ] || continue
+    # A run that stops on a non-finite loss fails the sweep; any other failure stops this script.
+    $ADANORM sweep mt --preset diverge --datasets multi30k --norms "$norm" "${scales[@]}" \
+      --seeds "$seeds" --threads "$THREADS" --jobs "$JOBS" --out "$out" --no-report \
+      --set train.device=cpu train.progress=false train.checkpoint_every=50 \
+      "schedule.warmup_steps=${arm##*:}" || true
+    for seed in ${seeds//,/ }; do
+      run="$out/multi30k/$label/seed$seed"
+      [ -f "$run/results.json" ] || grep -qs "non-finite training loss" "$run/train.log" || {
+        echo "cpu_sweep.sh: $run neither finished nor stopped on a non-finite loss; see $run/train.log" >&2
+        exit 1
+      }
+    done
+  done
+  python results/divergence/analyze.py results/divergence
+}
 case "$column" in
+  divergence) divergence; exit 0 ;;
   sst5) staged textcls sst5 5 3 ;;
   lm) staged lm tiny_shakespeare 5 3 ;;
   parsing) staged parsing ewt 3 3 ;;
@@ -64,6 +102,6 @@ case "$column" in
         --set data.protocol=cv10 "data.cv_fold=$fold"
     done
     ;;
-  *) echo "cpu_sweep.sh: unknown column $column (sst5, rt, lm, parsing or mt)" >&2; exit 2 ;;
+  *) echo "cpu_sweep.sh: unknown column $column (sst5, rt, lm, parsing, mt or divergence)" >&2; exit 2 ;;
 esac
 python -m adanorm.lab.select "$out/runs" "$out"

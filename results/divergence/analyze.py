@@ -10,11 +10,13 @@ Reads every run below ``<dir>/<arm>/runs/multi30k/<norm>/seed<k>/`` (``metrics.j
 * **exploded**: after update 100, a logged training loss (a mean over 10 updates) rose above the
   first one logged (update 10), i.e. training went back above where it started;
 * **trained**: it finished all its updates without either;
-* **unfinished**: stopped from outside (the sweep's time limit) before any of the above; it is
-  listed, never counted as trained.
+* **unfinished**: stopped from outside (a GPU call's time limit, or the end of a CPU working
+  period, to be resumed from its checkpoint) before any of the above; it is listed, never counted
+  as trained.
 
-Writes ``<dir>/report.md`` (one row per arm and norm: outcome per seed, the update and the loss
-where it went wrong, the last logged training loss and the validation loss) and
+Writes ``<dir>/report.md`` (one row per arm and norm: outcome per seed, the device each seed ran
+on (from its ``run.json``; the outcome can depend on it, so it is never left out), the update and
+the loss where it went wrong, the last logged training loss and the validation loss) and
 ``<dir>/train_loss.png`` (training loss against updates, one panel per arm), both atomically.
 """
 
@@ -79,6 +81,30 @@ def classify(run: Path) -> dict:
     return {**out, "outcome": "unfinished", "step": train[-1][0] if train else 0, "loss": None}
 
 
+def device_of(run: Path) -> str:
+    """The device a run trained on, from its ``run.json`` (a GPU by name, else ``CPU``)."""
+    info = run / "run.json"
+    if not info.exists():
+        raise SystemExit(f"{run}: no run.json, so its device is unknown; re-run it with adanorm")
+    environment = json.loads(info.read_text()).get("environment", {})
+    device = environment.get("device")
+    if device == "cuda":
+        return environment.get("cuda_device") or "CUDA (unnamed)"
+    if device == "cpu":
+        return "CPU"
+    raise SystemExit(f"{run}/run.json: environment.device is {device!r}; expected 'cuda' or 'cpu'")
+
+
+def _devices(seeds: dict[int, dict]) -> str:
+    """``NVIDIA H200`` when every seed ran there, else ``1, 2: NVIDIA H200; 3: CPU``."""
+    by_device: dict[str, list[int]] = defaultdict(list)
+    for seed in sorted(seeds):
+        by_device[seeds[seed]["device"]].append(seed)
+    if len(by_device) == 1:
+        return next(iter(by_device))
+    return "; ".join(f"{', '.join(map(str, s))}: {d}" for d, s in by_device.items())
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -96,7 +122,7 @@ def main(root: Path) -> None:
     arms: dict[str, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for run in sorted(root.glob("*/runs/*/*/seed*")):
         arm, norm, seed = run.parts[-5], run.parts[-2], int(run.name.removeprefix("seed"))
-        arms[arm][norm][seed] = classify(run)
+        arms[arm][norm][seed] = {**classify(run), "device": device_of(run)}
     if not arms:
         raise SystemExit(f"no runs below {root}/<arm>/runs/; run results/converge/gpu_sweep.sh")
     lines = [
@@ -108,10 +134,12 @@ def main(root: Path) -> None:
         f"Rule: **non-finite** = the trainer stopped on a non-finite training loss; **exploded** = "
         f"after update {EXPLODE_AFTER} a logged training loss (mean of 10 updates) rose above the "
         "first logged one (update 10); **trained** = neither, over all its updates; "
-        "**unfinished** = stopped by the sweep's time limit (not counted).",
+        "**unfinished** = stopped from outside before any of these (not counted). Device: where "
+        "each seed trained (`run.json`); in the figure, CPU runs are dashed.",
         "",
-        "| Arm | Norm | Outcome per seed | Where (update) | Last logged train loss | Valid loss |",
-        "|---|---|---|---|---|---|",
+        "| Arm | Norm | Device | Outcome per seed | Where (update) | Last logged train loss "
+        "| Valid loss |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm in sorted(arms, key=lambda a: list(ARM_TITLES).index(a) if a in ARM_TITLES else 99):
         for norm in sorted(arms[arm], key=lambda n: NORM_ORDER.index(n) if n in NORM_ORDER else 99):
@@ -122,7 +150,7 @@ def main(root: Path) -> None:
             last = ", ".join(_fmt(seeds[s]["last_train"]) for s in sorted(seeds))
             valid = ", ".join(_fmt(seeds[s]["valid_loss"]) for s in sorted(seeds))
             lines.append(f"| {ARM_TITLES.get(arm, arm)} | {NORM_NAMES.get(norm, norm)} | "
-                         f"{outcome} | {where} | {last} | {valid} |")
+                         f"{_devices(seeds)} | {outcome} | {where} | {last} | {valid} |")
     _atomic_write(root / "report.md", ("\n".join(lines) + "\n").encode())
 
     import io
@@ -142,6 +170,7 @@ def main(root: Path) -> None:
                 # Non-finite or huge losses are drawn at the top of the axis.
                 losses = [min(v, 1e3) if math.isfinite(v) else 1e3 for _, v in info["train"]]
                 ax.plot(steps, losses, color=colors.get(norm, "k"), lw=1, alpha=0.8,
+                        ls="--" if info["device"] == "CPU" else "-",
                         label=NORM_NAMES.get(norm, norm) if k == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("update")

@@ -916,6 +916,49 @@ def test_divergence_and_gap_tables_regenerate_from_the_committed_runs(tmp_path: 
     )
 
 
+def _divergence_run(root: Path, norm: str, seed: int, environment: dict, losses: list) -> Path:
+    run = root / "paper_warmup" / "runs" / "multi30k" / norm / f"seed{seed}"
+    run.mkdir(parents=True)
+    rows = [{"split": "train", "step": 10 * (i + 1), "loss": v} for i, v in enumerate(losses)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "run.json").write_text(json.dumps({"environment": environment}))
+    (run / "train.log").write_text("")
+    return run
+
+
+def test_divergence_table_names_each_seeds_device_and_refuses_an_unknown_one(
+    tmp_path: Path,
+) -> None:
+    h200 = {"device": "cuda", "cuda_device": "NVIDIA H200"}
+    trained = [9.0] * 12 + [5.0]
+    for seed in (1, 2):
+        run = _divergence_run(tmp_path, "none", seed, h200, [150.0] * 20 + [200.0])
+        (run / "train.log").write_text(
+            "adanorm train: error: non-finite training loss nan at step 364 (noticed at step 370)\n"
+        )
+    _divergence_run(tmp_path, "none", 3, {"device": "cpu"}, [150.0] * 5)  # still running
+    for seed in (1, 2, 3):
+        run = _divergence_run(tmp_path, "detachnorm", seed, {"device": "cpu"}, trained)
+        (run / "results.json").write_text("{}")
+    analyze = [sys.executable, str(REPO / "results" / "divergence" / "analyze.py"), str(tmp_path)]
+    subprocess.run(analyze, check=True, capture_output=True)
+    rows = {
+        line.split(" | ")[1]: line.split(" | ")[2:4]
+        for line in (tmp_path / "report.md").read_text().splitlines()
+        if line.startswith("| paper's")
+    }
+    assert rows["w/o Norm"] == [
+        "1, 2: NVIDIA H200; 3: CPU",
+        "1: non-finite, 2: non-finite, 3: unfinished",
+    ]
+    assert rows["DetachNorm"] == ["CPU", "1: trained, 2: trained, 3: trained"]
+    # A run whose device cannot be read is refused: its outcome could be the device's.
+    _divergence_run(tmp_path, "layernorm", 1, {"device": "mps"}, trained)
+    failed = subprocess.run(analyze, capture_output=True, text=True)
+    assert failed.returncode != 0
+    assert "environment.device is 'mps'" in failed.stderr
+
+
 def _set_losses(run: Path, train_loss: float, valid_loss: float) -> None:
     """Give a fake run one evaluation interval: best step 20, the given losses there."""
     results = json.loads((run / "results.json").read_text())
