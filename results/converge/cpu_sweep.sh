@@ -67,13 +67,7 @@ divergence() {  # the runs of results/divergence/<arm>/runs that no device has m
   for norm in detachnorm adanorm none layernorm; do
     label=$norm scales=()
     [ "$norm" = adanorm ] && label=adanorm_C2 scales=(--scales 2)
-    seeds=""
-    for seed in 1 2 3; do
-      run="$out/multi30k/$label/seed$seed"
-      [ -f "$run/results.json" ] && continue
-      grep -qs "non-finite training loss" "$run/train.log" && continue
-      seeds+="$seed,"  # a list even for one seed ("3" alone would mean seeds 1-3)
-    done
+    seeds=$(bash results/divergence/missing_seeds.sh "$out/multi30k/$label")
     [ -n "$seeds" ] || continue
     # A run that stops on a non-finite loss fails the sweep; any other failure stops this script.
     $ADANORM sweep mt --preset diverge --datasets multi30k --norms "$norm" "${scales[@]}" \
