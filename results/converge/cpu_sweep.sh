@@ -62,7 +62,7 @@ staged() {  # staged TASK DATASET FINAL_SEEDS CHOICE_SEEDS: every C at seeds 1..
   done
 }
 divergence() {  # the runs of results/divergence/<arm>/runs that no device has made yet
-  local arm=${ARM:-paper_warmup:8000} norm label seed seeds run scales
+  local arm=${ARM:-paper_warmup:8000} norm label seeds scales
   local out="results/divergence/${arm%%:*}/runs"
   for norm in detachnorm adanorm none layernorm; do
     label=$norm scales=()
@@ -74,13 +74,11 @@ divergence() {  # the runs of results/divergence/<arm>/runs that no device has m
       --seeds "$seeds" --threads "$THREADS" --jobs "$JOBS" --out "$out" --no-report \
       --set train.device=cpu train.progress=false train.checkpoint_every=50 \
       "schedule.warmup_steps=${arm##*:}" || true
-    for seed in ${seeds//,/ }; do
-      run="$out/multi30k/$label/seed$seed"
-      [ -f "$run/results.json" ] || grep -qs "non-finite training loss" "$run/train.log" || {
-        echo "cpu_sweep.sh: $run neither finished nor stopped on a non-finite loss; see $run/train.log" >&2
-        exit 1
-      }
-    done
+    seeds=$(bash results/divergence/missing_seeds.sh "$out/multi30k/$label")
+    [ -z "$seeds" ] || {
+      echo "cpu_sweep.sh: $out/multi30k/$label seeds $seeds neither finished nor stopped on a non-finite loss; see their train.log" >&2
+      exit 1
+    }
   done
   python results/divergence/analyze.py results/divergence
 }
