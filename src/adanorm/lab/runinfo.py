@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import sys
@@ -10,7 +11,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["git_state", "environment", "norm_label"]
+from .bf16_cpu import bf16_matmul
+
+__all__ = ["git_state", "cpu_model", "environment", "norm_label"]
 
 
 def git_state(start: Path | None = None) -> dict[str, Any]:
@@ -34,6 +37,16 @@ def git_state(start: Path | None = None) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import adanorm
 
@@ -54,6 +67,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = cpu_model()
+        # How bf16 autocast multiplies matrices here (adanorm.lab.bf16_cpu): the two paths agree
+        # up to fp32 summation order, but a reader comparing machines should see which ran.
+        info["bf16_matmul"] = bf16_matmul()
     # Which kernel computes each norm here, and why (a failed C++ build is recorded, not only
     # warned about once).
     info["adanorm_backends"] = adanorm.backend_info()

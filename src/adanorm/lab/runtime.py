@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .bf16_cpu import bf16_matmul, fp32_bf16_matmul
 from .config import ConfigError
 
 __all__ = [
@@ -94,8 +95,12 @@ def process_settings(tcfg: Mapping[str, Any], device: torch.device) -> Iterator[
     benchmark = torch.backends.cudnn.benchmark
     cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     rng = ckpt.capture_rng()
+    products = contextlib.ExitStack()
     try:
         torch.set_num_threads(int(tcfg["threads"]) or 1)
+        if device.type == "cpu" and tcfg["amp"] == "bf16" and bf16_matmul() == "fp32-gemm":
+            # Without bf16 GEMM hardware torch's scalar fallback is ~100x slower than fp32.
+            products.enter_context(fp32_bf16_matmul())
         if tcfg["deterministic"]:
             torch.use_deterministic_algorithms(True, warn_only=True)
             if device.type == "cuda":
@@ -103,6 +108,7 @@ def process_settings(tcfg: Mapping[str, Any], device: torch.device) -> Iterator[
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         yield
     finally:
+        products.close()
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
