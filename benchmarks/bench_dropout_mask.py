@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import tempfile
 import time
@@ -107,7 +108,9 @@ def main() -> None:
     if args.out:
         record = {
             "command": "PYTHONPATH=src python benchmarks/bench_dropout_mask.py "
-            f"--threads {args.threads} --rounds {args.rounds} --out {args.out}",
+            f"--rows {args.rows} --cols {args.cols} --p {args.p} --threads {args.threads} "
+            f"--rounds {args.rounds} --out {args.out}" + (f" --note {shlex.quote(args.note)}"
+                                                         if args.note else ""),
             "cpu": cpu_model(),
             "torch": torch.__version__,
             "threads": args.threads,
